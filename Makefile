@@ -1,0 +1,42 @@
+# The two commands: `make demo` (whole pipeline on the embedded dataset) and `make test`.
+# Both set themselves up on a fresh clone: system packages, virtual environment, install.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+CONSTRAINTS := requirements/constraints.txt
+
+.PHONY: help demo test install system-deps retrain ui bench screenshots clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## virtual environment with the pinned requirements
+
+system-deps:  ## Debian packages the tests need (PostgreSQL server binaries)
+	@bash scripts/install_system_deps.sh
+
+test: system-deps install  ## set up, then run the whole test suite
+	$(BIN)/pytest
+
+demo: install  ## set up, synthesise the embedded dataset if missing, dvc repro, say where results are
+	@bash scripts/demo.sh
+
+retrain: install  ## what CI's retraining workflow does: pull, repro, gate, push, diff against main
+	@bash scripts/retrain.sh
+
+ui: install  ## open the MLflow UI on the embedded store
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000
+
+bench: install  ## speed and memory benchmarks (bench/)
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+clean:  ## remove pipeline outputs (keeps data/raw and the venv)
+	rm -rf data/interim data/processed data/splits data/imputed models outputs reports mlruns
