@@ -13,6 +13,7 @@ import sys
 # sub-command name -> module with register(subparsers)
 COMMANDS = {
     "synth": "virtual_biopsy.data.synthetic",
+    "pipeline": "virtual_biopsy.pipeline_runs",
 }
 
 

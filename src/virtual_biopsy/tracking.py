@@ -101,7 +101,9 @@ def git_commit(root: str | Path = ".") -> str:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+            # dvc.lock and *.dvc change as stages run; they are data/pipeline state, not code.
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock", ":!*.dvc"],
+            cwd=root, capture_output=True, text=True,
         ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

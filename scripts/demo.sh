@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# `make demo`: the whole pipeline on the embedded synthetic dataset, then where to look.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+
+if [ ! -d data/raw/images ]; then
+  echo "==> Synthesising the embedded dataset into data/raw (deterministic: it matches data.dvc)"
+  vbiopsy synth --out data/raw
+fi
+
+echo "==> Checking data/raw against data.dvc"
+if ! dvc status data.dvc --quiet; then
+  echo "data/raw differs from the version data.dvc records (dvc status data.dvc shows how)." >&2
+  echo "Either restore it (rm -rf data/raw && make demo) or record the new version (dvc add data/raw; see README)." >&2
+  exit 1
+fi
+
+# One parent MLflow run for this pipeline run: every stage's run nests under it.
+VBIOPSY_PARENT_RUN_ID="$(vbiopsy pipeline start)"
+export VBIOPSY_PARENT_RUN_ID
+
+echo "==> dvc repro (stages that are up to date are skipped)"
+dvc repro
+
+vbiopsy pipeline finish "$VBIOPSY_PARENT_RUN_ID"
+vbiopsy pipeline summary
