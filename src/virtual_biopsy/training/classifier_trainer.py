@@ -1,0 +1,232 @@
+"""Classifier training for the virtual biopsy (paper 5.1.1).
+
+Cross-entropy, Adam (lr, weight decay), ReduceLROnPlateau on the validation loss (factor
+``lr_factor``, patience ``lr_patience``), early stopping on the validation loss with warm-up, and
+the best weights restored at the end.
+
+Class imbalance: the paper trains with plain cross-entropy on its ~72 % malignant data and
+handles imbalance in evaluation (MCC, G-mean) and fusion (MCC weights), so that is the default.
+``class_weights`` (benign, malignant) is available for experiments; it is off unless given.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from virtual_biopsy.config import ClassifierConfig
+from virtual_biopsy.models.classifiers import MALIGNANT_CLASS
+from virtual_biopsy.training.checkpoint import Checkpointer, restore_rng_state
+from virtual_biopsy.training.datasets import LabelledImageDataset
+from virtual_biopsy.training.early_stopping import EarlyStopping
+from virtual_biopsy.training.loop import (
+    EpochCallback,
+    EpochState,
+    as_metrics,
+    autocast_for,
+    epoch_loader,
+    prepare_module,
+    resolve_device,
+    seeded_torch,
+    state_on_cpu,
+    to_device,
+)
+
+
+@dataclass
+class ClassifierTrainingResult:
+    """Outcome of :func:`train_classifier`; the model passed in already holds ``state``."""
+
+    state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_val_loss: float
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict[str, float]]
+
+
+def train_classifier(
+    model: nn.Module,
+    train_ds: LabelledImageDataset,
+    val_ds: LabelledImageDataset,
+    cfg: ClassifierConfig,
+    seed: int,
+    checkpoint_dir: str | Path | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    class_weights: Sequence[float] | None = None,
+) -> ClassifierTrainingResult:
+    """Train ``model`` (2 logits) for up to ``cfg.epochs`` epochs; leave the best weights in it.
+
+    Resumes from ``checkpoint_dir`` when it holds a checkpoint of the same run (same cfg, seed,
+    data sizes and architecture); a finished run is returned again without training.
+    ``on_epoch_end`` follows the contract in ``training.loop`` (metrics ``train/loss``,
+    ``train/accuracy``, ``val/loss``, ``val/accuracy``, ``lr``).
+    """
+    device = resolve_device(device)
+    prepare_module(model, device)
+    weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32, device=device)
+    if weight is not None and weight.shape != (2,):
+        raise ValueError(f"class_weights: expected two weights (benign, malignant), got {list(class_weights)}")
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimiser, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience
+    )
+    stopper = EarlyStopping(cfg.warmup_epochs, cfg.patience)
+    fingerprint = {
+        "kind": "classifier",
+        "model": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "config": dataclasses.asdict(cfg),
+        "seed": seed,
+        "train": len(train_ds),
+        "val": len(val_ds),
+        "class_weights": None if class_weights is None else [float(w) for w in class_weights],
+    }
+    checkpointer = Checkpointer(checkpoint_dir, fingerprint)
+    history: list[dict[str, float]] = []
+    start_epoch, finished = 0, False
+    with seeded_torch(seed, device):
+        record = checkpointer.load_latest()
+        if record is not None:
+            model.load_state_dict(record["model"])
+            optimiser.load_state_dict(record["optimiser"])
+            scheduler.load_state_dict(record["scheduler"])
+            stopper.load_state_dict(record["early_stopping"])
+            history, start_epoch, finished = record["history"], record["epoch"] + 1, record["finished"]
+            restore_rng_state(record["rng"])
+        for epoch in range(start_epoch, 0 if finished else cfg.epochs):
+            train_loss, train_accuracy = _train_epoch(model, optimiser, train_ds, cfg, seed, epoch, device, weight, num_workers)
+            val_loss, val_accuracy = evaluate_loss(model, val_ds, cfg.batch_size, device, weight)
+            metrics = as_metrics(
+                {
+                    "train/loss": train_loss,
+                    "train/accuracy": train_accuracy,
+                    "val/loss": val_loss,
+                    "val/accuracy": val_accuracy,
+                    "lr": optimiser.param_groups[0]["lr"],
+                }
+            )
+            scheduler.step(val_loss)
+            history.append({"epoch": float(epoch), **metrics})
+            finished = stopper.step(epoch, val_loss, model.state_dict()) or epoch == cfg.epochs - 1
+            checkpointer.save(
+                {
+                    "model": state_on_cpu(model),
+                    "optimiser": optimiser.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "early_stopping": stopper.state_dict(),
+                    "epoch": epoch,
+                    "finished": finished,
+                    "history": history,
+                }
+            )
+            if on_epoch_end is not None:
+                state = EpochState(epoch, {"classifier": model}, stopper.is_best(epoch), stopper.best_epoch, stopper.best_loss, history)
+                on_epoch_end(epoch, metrics, state)
+            if finished:
+                break
+    best_state = stopper.best_state or state_on_cpu(model)
+    model.load_state_dict(best_state)
+    return ClassifierTrainingResult(
+        state=best_state,
+        best_epoch=stopper.best_epoch,
+        best_val_loss=stopper.best_loss,
+        epochs_run=len(history),
+        stopped_early=len(history) < cfg.epochs,
+        history=history,
+    )
+
+
+def train_step(
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device = torch.device("cpu"),
+    weight: torch.Tensor | None = None,
+) -> tuple[float, int]:
+    """One cross-entropy update; returns (mean loss of the batch, number of correct predictions)."""
+    optimiser.zero_grad(set_to_none=True)
+    with autocast_for(device):
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels, weight=weight)
+    loss.backward()
+    optimiser.step()
+    return loss.item(), int((logits.argmax(dim=1) == labels).sum().item())
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    train_ds: LabelledImageDataset,
+    cfg: ClassifierConfig,
+    seed: int,
+    epoch: int,
+    device: torch.device,
+    weight: torch.Tensor | None,
+    num_workers: int,
+) -> tuple[float, float]:
+    model.train()
+    loader = epoch_loader(train_ds, cfg.batch_size, seed, epoch, shuffle=True, num_workers=num_workers)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for images, labels in tqdm(loader, desc=f"classifier epoch {epoch}", leave=False, disable=None):
+        labels = labels.to(device)
+        loss, batch_correct = train_step(model, optimiser, to_device(images, device), labels, device, weight)
+        loss_sum += loss * len(labels)
+        correct += batch_correct
+        seen += len(labels)
+    return loss_sum / seen, correct / seen
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    dataset: LabelledImageDataset,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    weight: torch.Tensor | None = None,
+) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on ``dataset``, in eval mode."""
+    device = torch.device(device)
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for images, labels in epoch_loader(dataset, batch_size, seed=0, epoch=0, shuffle=False):
+        labels = labels.to(device)
+        with autocast_for(device):
+            logits = model(to_device(images, device))
+        # Sum then divide by the count: a weighted batch mean would weight batches, not images.
+        loss_sum += F.cross_entropy(logits.float(), labels, weight=weight, reduction="sum").item()
+        correct += int((logits.argmax(dim=1) == labels).sum().item())
+        seen += len(labels)
+    return loss_sum / seen, correct / seen
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module,
+    images: np.ndarray,
+    rows: Sequence[int] | np.ndarray,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Probability of malignancy (class 1) for ``images[rows]``: float64 array of len(rows)."""
+    device = resolve_device(device)
+    rows = np.asarray(rows, dtype=np.int64)
+    model.eval()
+    out = np.empty(len(rows), dtype=np.float64)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = torch.from_numpy(np.stack([np.asarray(images[r], dtype=np.float32) for r in chunk]))[:, None]
+        with autocast_for(device):
+            logits = model(to_device(batch, device))
+        out[start : start + len(chunk)] = torch.softmax(logits.float(), dim=1)[:, MALIGNANT_CLASS].cpu().numpy()
+    return out

@@ -1,0 +1,331 @@
+"""CycleGAN training for FFDM (LE, domain A) -> CESM (DES, domain B) imputation (paper 5.2.1).
+
+Losses, as in the paper: least-squares adversarial loss (MSE), L1 cycle consistency weighted by
+``lambda_cycle`` (10) and L1 identity weighted by ``lambda_identity`` (5). Both generators share
+one Adam optimiser and both discriminators another (lr, betas (beta1, 0.999), weight decay).
+The data are paired, so validation compares G_AB(LE) with the real DES partner (mean absolute
+error); that loss drives early stopping after the warm-up.
+
+Not included, deliberately: the image history pool of the original CycleGAN (its random
+replay would need its own checkpointed buffer; with paired data and the paired validation loss
+selecting the model it buys little) and CycleGAN's linear learning-rate decay (the paper uses a
+constant rate).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from virtual_biopsy.config import GeneratorConfig
+from virtual_biopsy.models.cyclegan import PatchDiscriminator, ResnetGenerator, init_cyclegan_weights
+from virtual_biopsy.training.checkpoint import Checkpointer, restore_rng_state
+from virtual_biopsy.training.datasets import PairedImageDataset, derive_seed
+from virtual_biopsy.training.early_stopping import EarlyStopping
+from virtual_biopsy.training.loop import (
+    EpochCallback,
+    EpochState,
+    as_metrics,
+    autocast_for,
+    epoch_loader,
+    mean,
+    prepare_module,
+    resolve_device,
+    seeded_torch,
+    state_on_cpu,
+    to_device,
+)
+
+NETWORK_NAMES = ("generator_ab", "generator_ba", "discriminator_a", "discriminator_b")
+INIT_STREAM = 3
+
+
+@dataclass(frozen=True)
+class CycleGANLoss:
+    """The CycleGAN objective with its weights; the trainer uses exactly this object."""
+
+    lambda_cycle: float
+    lambda_identity: float
+
+    @staticmethod
+    def adversarial(scores: torch.Tensor, target_is_real: bool) -> torch.Tensor:
+        """LSGAN: mean squared distance of the patch scores from 1 (real) or 0 (fake)."""
+        target = torch.ones_like(scores) if target_is_real else torch.zeros_like(scores)
+        return F.mse_loss(scores.float(), target.float())
+
+    def generator_terms(
+        self, nets: dict[str, nn.Module], real_a: torch.Tensor, real_b: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Total generator loss, its (unweighted) terms, and the fakes (for the discriminators)."""
+        g_ab, g_ba = nets["generator_ab"], nets["generator_ba"]
+        fake_b, fake_a = g_ab(real_a), g_ba(real_b)
+        adversarial = self.adversarial(nets["discriminator_b"](fake_b), True) + self.adversarial(
+            nets["discriminator_a"](fake_a), True
+        )
+        cycle = F.l1_loss(g_ba(fake_b).float(), real_a) + F.l1_loss(g_ab(fake_a).float(), real_b)
+        identity = F.l1_loss(g_ab(real_b).float(), real_b) + F.l1_loss(g_ba(real_a).float(), real_a)
+        total = adversarial + self.lambda_cycle * cycle + self.lambda_identity * identity
+        terms = {"adversarial": adversarial, "cycle": cycle, "identity": identity}
+        return total, terms, fake_a, fake_b
+
+    def discriminator_loss(
+        self, discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor
+    ) -> torch.Tensor:
+        """LSGAN discriminator loss, halved as in CycleGAN to slow D relative to G."""
+        return 0.5 * (self.adversarial(discriminator(real), True) + self.adversarial(discriminator(fake.detach()), False))
+
+
+@dataclass
+class GeneratorTrainingResult:
+    """Outcome of :func:`train_cyclegan`. ``generator_state`` loads into :func:`build_generator`."""
+
+    generator_state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_val_loss: float
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict[str, float]]
+    loss: CycleGANLoss
+
+
+def build_generator(cfg: GeneratorConfig) -> ResnetGenerator:
+    """The LE -> DES generator architecture of ``cfg`` (to load a trained ``generator_state``)."""
+    return ResnetGenerator(channels=1, ngf=cfg.ngf, n_residual_blocks=cfg.n_residual_blocks)
+
+
+def build_cyclegan(cfg: GeneratorConfig, seed: int) -> dict[str, nn.Module]:
+    """Both generators and both discriminators, CycleGAN-initialised from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, INIT_STREAM))
+        nets: dict[str, nn.Module] = {
+            "generator_ab": build_generator(cfg),
+            "generator_ba": build_generator(cfg),
+            "discriminator_a": PatchDiscriminator(channels=1, ndf=cfg.ndf),
+            "discriminator_b": PatchDiscriminator(channels=1, ndf=cfg.ndf),
+        }
+        for net in nets.values():
+            init_cyclegan_weights(net)
+    return nets
+
+
+def load_pretrained(nets: dict[str, nn.Module], weights_file: str | Path) -> list[str]:
+    """Initialise from a local file for fine-tuning (paper: pre-trained on CDD-CESM).
+
+    The file holds either one generator state dict (loaded into the LE -> DES generator) or a
+    dict with any of ``generator_ab``, ``generator_ba``, ``discriminator_a``, ``discriminator_b``
+    (e.g. :func:`cyclegan_state` of another run). Returns the names of the networks loaded.
+    """
+    path = Path(weights_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such pretrained generator weights file")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise ValueError(f"{path}: not a readable torch weights file ({exc})") from exc
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(loaded).__name__}")
+    parts = {name: loaded[name] for name in NETWORK_NAMES if name in loaded} or {"generator_ab": loaded}
+    for name, state in parts.items():
+        try:
+            nets[name].load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}: weights for {name} do not fit this architecture ({exc})") from exc
+    return sorted(parts)
+
+
+def cyclegan_state(nets: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """All four networks' CPU state dicts, keyed by name (the format :func:`load_pretrained` reads)."""
+    return {name: state_on_cpu(net) for name, net in nets.items()}
+
+
+def train_cyclegan(
+    train_ds: PairedImageDataset,
+    val_ds: PairedImageDataset,
+    cfg: GeneratorConfig,
+    seed: int,
+    checkpoint_dir: str | Path | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+) -> GeneratorTrainingResult:
+    """Train a CycleGAN LE -> DES for up to ``cfg.epochs`` epochs; return the best generator.
+
+    Resumes from ``checkpoint_dir`` when it holds a checkpoint of the same run (same cfg, seed and
+    data sizes); a finished run is returned again without training. ``on_epoch_end`` follows the
+    contract in ``training.loop`` (metrics ``train/loss_g``, ``train/loss_d``,
+    ``train/adversarial``, ``train/cycle``, ``train/identity``, ``val/l1``, ``lr``).
+    """
+    device = resolve_device(device)
+    loss = CycleGANLoss(lambda_cycle=cfg.lambda_cycle, lambda_identity=cfg.lambda_identity)
+    nets = build_cyclegan(cfg, seed)
+    if cfg.pretrained_weights:
+        load_pretrained(nets, cfg.pretrained_weights)
+    for net in nets.values():
+        prepare_module(net, device)
+    opt_g, opt_d = _optimisers(nets, cfg)
+    stopper = EarlyStopping(cfg.warmup_epochs, cfg.patience)
+    checkpointer = Checkpointer(
+        checkpoint_dir,
+        {"kind": "cyclegan", "config": dataclasses.asdict(cfg), "seed": seed, "train": len(train_ds), "val": len(val_ds)},
+    )
+    history: list[dict[str, float]] = []
+    start_epoch, finished = 0, False
+    with seeded_torch(seed, device):
+        record = checkpointer.load_latest()
+        if record is not None:
+            for name, net in nets.items():
+                net.load_state_dict(record["networks"][name])
+            opt_g.load_state_dict(record["opt_g"])
+            opt_d.load_state_dict(record["opt_d"])
+            stopper.load_state_dict(record["early_stopping"])
+            history, start_epoch, finished = record["history"], record["epoch"] + 1, record["finished"]
+            restore_rng_state(record["rng"])
+        epoch = start_epoch - 1
+        for epoch in range(start_epoch, 0 if finished else cfg.epochs):
+            train_metrics = _train_epoch(nets, loss, opt_g, opt_d, train_ds, cfg, seed, epoch, device, num_workers)
+            val_l1 = paired_validation_loss(nets["generator_ab"], val_ds, cfg.batch_size, device)
+            metrics = as_metrics({**train_metrics, "val/l1": val_l1, "lr": opt_g.param_groups[0]["lr"]})
+            history.append({"epoch": float(epoch), **metrics})
+            finished = stopper.step(epoch, val_l1, nets["generator_ab"].state_dict()) or epoch == cfg.epochs - 1
+            checkpointer.save(
+                {
+                    "networks": cyclegan_state(nets),
+                    "opt_g": opt_g.state_dict(),
+                    "opt_d": opt_d.state_dict(),
+                    "early_stopping": stopper.state_dict(),
+                    "epoch": epoch,
+                    "finished": finished,
+                    "history": history,
+                }
+            )
+            if on_epoch_end is not None:
+                state = EpochState(epoch, nets, stopper.is_best(epoch), stopper.best_epoch, stopper.best_loss, history)
+                on_epoch_end(epoch, metrics, state)
+            if finished:
+                break
+    epochs_run = len(history)
+    return GeneratorTrainingResult(
+        generator_state=stopper.best_state or state_on_cpu(nets["generator_ab"]),
+        best_epoch=stopper.best_epoch,
+        best_val_loss=stopper.best_loss,
+        epochs_run=epochs_run,
+        stopped_early=epochs_run < cfg.epochs,
+        history=history,
+        loss=loss,
+    )
+
+
+def _optimisers(nets: dict[str, nn.Module], cfg: GeneratorConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    def adam(params: Iterable[nn.Parameter]) -> torch.optim.Adam:
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, 0.999), weight_decay=cfg.weight_decay)
+
+    generators = [*nets["generator_ab"].parameters(), *nets["generator_ba"].parameters()]
+    discriminators = [*nets["discriminator_a"].parameters(), *nets["discriminator_b"].parameters()]
+    return adam(generators), adam(discriminators)
+
+
+def train_step(
+    nets: dict[str, nn.Module],
+    loss: CycleGANLoss,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    real_a: torch.Tensor,
+    real_b: torch.Tensor,
+    device: torch.device = torch.device("cpu"),
+) -> dict[str, float]:
+    """One CycleGAN update: generators first (discriminators frozen), then both discriminators."""
+    for name in ("discriminator_a", "discriminator_b"):
+        nets[name].requires_grad_(False)  # G's step must not accumulate gradients into D
+    opt_g.zero_grad(set_to_none=True)
+    with autocast_for(device):
+        loss_g, terms, fake_a, fake_b = loss.generator_terms(nets, real_a, real_b)
+    loss_g.backward()
+    opt_g.step()
+    for name in ("discriminator_a", "discriminator_b"):
+        nets[name].requires_grad_(True)
+    opt_d.zero_grad(set_to_none=True)
+    with autocast_for(device):
+        loss_d = loss.discriminator_loss(nets["discriminator_a"], real_a, fake_a) + loss.discriminator_loss(
+            nets["discriminator_b"], real_b, fake_b
+        )
+    loss_d.backward()
+    opt_d.step()
+    return {"loss_g": loss_g.item(), "loss_d": loss_d.item(), **{k: v.item() for k, v in terms.items()}}
+
+
+def _train_epoch(
+    nets: dict[str, nn.Module],
+    loss: CycleGANLoss,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    train_ds: PairedImageDataset,
+    cfg: GeneratorConfig,
+    seed: int,
+    epoch: int,
+    device: torch.device,
+    num_workers: int,
+) -> dict[str, float]:
+    for net in nets.values():
+        net.train()
+    loader = epoch_loader(train_ds, cfg.batch_size, seed, epoch, shuffle=True, num_workers=num_workers)
+    sums: dict[str, list[float]] = {}
+    for real_a, real_b in tqdm(loader, desc=f"cyclegan epoch {epoch}", leave=False, disable=None):
+        step = train_step(nets, loss, opt_g, opt_d, to_device(real_a, device), to_device(real_b, device), device)
+        for key, value in step.items():
+            sums.setdefault(key, []).append(value)
+    return {f"train/{key}": mean(values) for key, values in sums.items()}
+
+
+@torch.no_grad()
+def paired_validation_loss(
+    generator: nn.Module, val_ds: PairedImageDataset, batch_size: int, device: str | torch.device = "cpu"
+) -> float:
+    """Mean absolute error between G(LE) and the real DES partner over ``val_ds`` (per pixel)."""
+    device = torch.device(device)
+    generator.eval()
+    total, pixels = 0.0, 0
+    for real_a, real_b in epoch_loader(val_ds, batch_size, seed=0, epoch=0, shuffle=False):
+        with autocast_for(device):
+            fake_b = generator(to_device(real_a, device))
+        total += F.l1_loss(fake_b.float(), to_device(real_b, device), reduction="sum").item()
+        pixels += real_b.numel()
+    return total / pixels
+
+
+@torch.no_grad()
+def generate(
+    generator: nn.Module, images: np.ndarray, batch_size: int = 16, device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """Synthetic CESM for (N, S, S) LE images in [0, 1]: float32 (N, S, S) in [0, 1].
+
+    ``images`` may be a memory map (rows are read one batch at a time).
+    """
+    if images.ndim != 3:
+        raise ValueError(f"generate expects an (N, S, S) image array, got shape {images.shape}")
+    device = resolve_device(device)
+    generator.eval()
+    out = np.empty(images.shape, dtype=np.float32)
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32))[:, None]
+        with autocast_for(device):
+            fake = generator(to_device(batch, device))
+        out[start : start + batch_size] = fake.float().clamp(0.0, 1.0)[:, 0].cpu().numpy()
+    return out
+
+
+def describe(result: GeneratorTrainingResult) -> dict[str, Any]:
+    """Summary numbers of a run (for logging as run-level metrics)."""
+    return {
+        "best_epoch": result.best_epoch,
+        "best_val_l1": result.best_val_loss,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+    }
