@@ -13,7 +13,9 @@ import sys
 # sub-command name -> module with register(subparsers)
 COMMANDS = {
     "synth": "virtual_biopsy.data.synthetic",
+    "import": "virtual_biopsy.data.importers",
     "pipeline": "virtual_biopsy.pipeline_runs",
+    "profile": "virtual_biopsy.profiles",
 }
 
 
