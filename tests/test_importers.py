@@ -1,0 +1,336 @@
+"""Importers on tiny release folders built here in the released layouts (names and columns as released)."""
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import numpy as np
+import openpyxl
+import pandas as pd
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+
+from virtual_biopsy.data.importers import ImporterError, import_release, register
+from virtual_biopsy.data.importers.cdd_cesm import (
+    ANNOTATION_FILE_NAMES,
+    LOW_ENERGY_FOLDER,
+    SUBTRACTED_FOLDER,
+)
+from virtual_biopsy.data.layout import FILE_NAME_RE, METADATA_COLUMNS
+from virtual_biopsy.dicom.cesm import DIGITAL_MG_FOR_PRESENTATION, IMAGE_TYPE_DES, IMAGE_TYPE_LE, energy_of
+
+# Released CDD-CESM sheet 'all' columns, in the released order.
+CDD_COLUMNS = [
+    "Image_name", "Patient_ID", "Side", "Type", "Age", "Breast density (ACR)", "BIRADS", "Findings",
+    "View", "Tags", "Machine", "Pathology Classification/ Follow up",
+]
+
+
+def run_cli(argv: list[str]) -> int:
+    """`vbiopsy import ...` through the command's own parser (other commands are not needed here)."""
+    parser = argparse.ArgumentParser(prog="vbiopsy")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+# --- CDD-CESM fixture ------------------------------------------------------------------------
+
+def jpeg_bytes(mode: str, seed: int, size=(24, 32)) -> bytes:
+    rng = np.random.default_rng(seed)
+    gray = rng.integers(10, 240, size=size, dtype=np.uint8)
+    image = Image.fromarray(gray, "L")
+    if mode == "RGB":
+        image = Image.merge("RGB", (image, image, image))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def sheet_row(name, patient, side, typ, age, acr, view, pathology):
+    return [name, patient, side, typ, age, acr, 4, "mass", view, "", "GE", pathology]
+
+
+def write_sheet(path: Path, rows: list[list], columns=CDD_COLUMNS, sheet="all") -> None:
+    book = openpyxl.Workbook()
+    book.active.title = sheet
+    book.active.append(columns)
+    for row in rows:
+        book.active.append(row)
+    book.create_sheet("mass_description").append(["Image_name", "Mass shape"])
+    book.save(path)
+
+
+@pytest.fixture
+def cdd_release(tmp_path: Path) -> Path:
+    """CDD-CESM as downloaded: two image folders, the annotation workbook, a report and a segmentation CSV."""
+    root = tmp_path / "CDD-CESM"
+    low, sub = root / LOW_ENERGY_FOLDER, root / SUBTRACTED_FOLDER
+    low.mkdir(parents=True)
+    sub.mkdir()
+    (low / "P1_L_DM_CC.jpg").write_bytes(jpeg_bytes("L", 1))
+    (sub / "P1_L_CM_CC.jpg").write_bytes(jpeg_bytes("L", 2))
+    (low / "P2_R_DM_MLO.jpg").write_bytes(jpeg_bytes("RGB", 3))
+    (sub / "P2_R_CM_MLO.jpg").write_bytes(jpeg_bytes("L", 4))
+    (low / "P3_left_DM_CC.jpg").write_bytes(jpeg_bytes("L", 5))        # malformed name
+    (low / "P5_L_DM_CC.jpg").write_bytes(jpeg_bytes("L", 6)[:200])    # truncated: unreadable
+    (low / "P6_R_DM_CC.jpg").write_bytes(jpeg_bytes("L", 7))          # no spreadsheet row
+    write_sheet(root / ANNOTATION_FILE_NAMES[0], [
+        sheet_row("P1_L_DM_CC ", 1, "L", "DM", 51, "B", "CC", "Benign"),   # stray space, as released
+        sheet_row("P1_L_CM_CC", 1, "L", "CESM", 51, "B", "CC", "Benign"),
+        sheet_row("P1_L_CM_CC", 1, "L", "CESM", 51, "B", "CC", "Malignant"),  # second finding
+        sheet_row("P2_R_DM_MLO", 2, "R", "DM", 63, "_", "MLO", "Normal"),
+        sheet_row("P2_R_CM_MLO", 2, "R", "CESM", 63, None, "MLO", "Normal"),
+        sheet_row("P4_L_DM_CC", 4, "L", "DM", 40, "C", "CC", "Benign"),     # image missing from release
+        sheet_row("P5_L_DM_CC", 5, "L", "DM", 45, "D", "CC", "Malignant"),
+    ])
+    (root / "Radiology_hand_drawn_segmentations_v2.csv").write_text("#filename,region_shape_attributes\n")
+    (root / "Medical reports for cases").mkdir()
+    (root / "Medical reports for cases" / "P1.docx").write_bytes(b"PK\x03\x04")
+    return root
+
+
+def report_of(dest: Path) -> pd.DataFrame:
+    return pd.read_csv(dest / "import_report.csv", keep_default_na=False)
+
+
+def metadata_of(dest: Path) -> pd.DataFrame:
+    return pd.read_csv(dest / "metadata.csv", keep_default_na=False, dtype=str)
+
+
+def test_cdd_cesm_import_writes_raw_layout_with_labels_density_and_age(cdd_release, tmp_path):
+    dest = tmp_path / "data" / "raw"
+    import_release("cdd-cesm", cdd_release, dest)
+    meta = metadata_of(dest).set_index("file")
+    assert list(metadata_of(dest).columns) == list(METADATA_COLUMNS)
+    assert sorted(meta.index) == [
+        "images/P1/S1/P1_S1_LCC_LOW_ENERGY.dcm", "images/P1/S1/P1_S1_LCC_RECOMBINED.dcm",
+        "images/P2/S1/P2_S1_RMLO_LOW_ENERGY.dcm", "images/P2/S1/P2_S1_RMLO_RECOMBINED.dcm",
+    ]
+    for file in meta.index:
+        assert (dest / file).is_file()
+        assert FILE_NAME_RE.match(Path(file).name)
+    le, des = meta.loc["images/P1/S1/P1_S1_LCC_LOW_ENERGY.dcm"], meta.loc["images/P1/S1/P1_S1_LCC_RECOMBINED.dcm"]
+    assert (le.biopsy, le.acr, le.age, le.phase, le.energy) == ("benign", "b", "51", "early", "LE")
+    assert (des.biopsy, des.energy) == ("malignant", "DES")  # most severe of its two findings
+    p2 = meta.loc["images/P2/S1/P2_S1_RMLO_LOW_ENERGY.dcm"]
+    assert (p2.biopsy, p2.acr, p2.laterality, p2.view) == ("none", "", "R", "MLO")
+
+
+def test_cdd_cesm_keeps_grayscale_jpeg_bytes_inside_mammography_dicom(cdd_release, tmp_path):
+    dest = tmp_path / "raw"
+    import_release("cdd-cesm", cdd_release, dest)
+    source = (cdd_release / SUBTRACTED_FOLDER / "P1_L_CM_CC.jpg").read_bytes()
+    ds = pydicom.dcmread(dest / "images/P1/S1/P1_S1_LCC_RECOMBINED.dcm")
+    assert ds.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert next(generate_frames(ds.PixelData, number_of_frames=1)).rstrip(b"\x00") == source.rstrip(b"\x00")
+    assert ds.SOPClassUID == DIGITAL_MG_FOR_PRESENTATION and ds.Modality == "MG"
+    assert list(ds.ImageType) == IMAGE_TYPE_DES and energy_of(ds) == "DES"
+    assert (ds.ImageLaterality, ds.ViewPosition, ds.PhotometricInterpretation) == ("L", "CC", "MONOCHROME2")
+    expected = np.asarray(Image.open(io.BytesIO(source)))
+    # pydicom's JPEG plugin and Pillow are different libjpeg builds: IDCT rounding may differ by 1.
+    assert np.abs(ds.pixel_array.astype(int) - expected).max() <= 1
+    # No window in the release: the window spans the image's full range (plain min-max).
+    assert float(ds.WindowCenter) - float(ds.WindowWidth) / 2 == expected.min()
+    assert float(ds.WindowCenter) + float(ds.WindowWidth) / 2 == expected.max()
+
+
+def test_cdd_cesm_stores_colour_jpeg_as_uncompressed_8bit_grayscale(cdd_release, tmp_path):
+    dest = tmp_path / "raw"
+    import_release("cdd-cesm", cdd_release, dest)
+    ds = pydicom.dcmread(dest / "images/P2/S1/P2_S1_RMLO_LOW_ENERGY.dcm")
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert (ds.PhotometricInterpretation, ds.BitsStored, ds.SamplesPerPixel) == ("MONOCHROME2", 8, 1)
+    assert list(ds.ImageType) == IMAGE_TYPE_LE and energy_of(ds) == "LE"
+    source = Image.open(cdd_release / LOW_ENERGY_FOLDER / "P2_R_DM_MLO.jpg")
+    assert np.array_equal(ds.pixel_array, np.asarray(source.convert("L")))
+    imported = report_of(dest).set_index("source").loc[f"{LOW_ENERGY_FOLDER}/P2_R_DM_MLO.jpg"]
+    assert imported.status == "imported" and "RGB JPEG decoded to 8-bit grayscale" in imported.reason
+
+
+def test_cdd_cesm_reports_malformed_name_missing_image_unreadable_file_and_unmatched_row(cdd_release, tmp_path):
+    dest = tmp_path / "raw"
+    import_release("cdd-cesm", cdd_release, dest)
+    report = report_of(dest).set_index("source")
+    rejected = report[report.status == "rejected"].reason
+    assert "does not follow P<number>_<L|R>_<DM|CM>_<CC|MLO>.jpg" in rejected[f"{LOW_ENERGY_FOLDER}/P3_left_DM_CC.jpg"]
+    assert "unreadable JPEG" in rejected[f"{LOW_ENERGY_FOLDER}/P5_L_DM_CC.jpg"]
+    assert "no row for P6_R_DM_CC" in rejected[f"{LOW_ENERGY_FOLDER}/P6_R_DM_CC.jpg"]
+    unmatched = report[report.status == "unmatched"]
+    assert list(unmatched.reason) == ["no image file named P4_L_DM_CC.jpg in the release"]
+    assert "row 7 (P4_L_DM_CC)" in unmatched.index[0]
+    ignored = report[report.status == "ignored"]
+    assert sorted(ignored.index) == sorted(
+        [ANNOTATION_FILE_NAMES[0], "Medical reports for cases/P1.docx", "Radiology_hand_drawn_segmentations_v2.csv"]
+    )
+    every_file = {p.relative_to(cdd_release).as_posix() for p in cdd_release.rglob("*") if p.is_file()}
+    assert every_file <= set(report.index)  # nothing dropped silently
+
+
+def test_cdd_cesm_rejects_image_whose_sheet_row_disagrees_with_its_name(cdd_release, tmp_path):
+    write_sheet(cdd_release / ANNOTATION_FILE_NAMES[0], [
+        sheet_row("P1_L_DM_CC", 1, "R", "DM", 51, "B", "CC", "Benign"),
+        sheet_row("P1_L_CM_CC", 1, "L", "CESM", 51, "Q", "CC", "Benign"),
+        sheet_row("P2_R_DM_MLO", 2, "R", "DM", 63, "A", "MLO", "Suspicious"),
+        sheet_row("P2_R_CM_MLO", 2, "R", "CESM", 63, "A", "MLO", "Normal"),
+    ])
+    dest = tmp_path / "raw"
+    import_release("cdd-cesm", cdd_release, dest)
+    reasons = report_of(dest).set_index("source").reason
+    assert "Side='R' but the file name says 'L'" in reasons[f"{LOW_ENERGY_FOLDER}/P1_L_DM_CC.jpg"]
+    assert "breast density 'Q' is not an ACR category" in reasons[f"{SUBTRACTED_FOLDER}/P1_L_CM_CC.jpg"]
+    assert "pathology 'Suspicious' is not Normal, Benign or Malignant" in reasons[f"{LOW_ENERGY_FOLDER}/P2_R_DM_MLO.jpg"]
+
+
+def test_cdd_cesm_sheet_without_released_column_is_an_error_naming_it(cdd_release, tmp_path):
+    columns = [c if c != "Pathology Classification/ Follow up" else "Pathology" for c in CDD_COLUMNS]
+    write_sheet(cdd_release / ANNOTATION_FILE_NAMES[0], [], columns=columns)
+    with pytest.raises(ImporterError, match=r"lacks column\(s\) \['Pathology Classification/ Follow up'\]"):
+        import_release("cdd-cesm", cdd_release, tmp_path / "raw")
+
+
+def test_cdd_cesm_import_twice_gives_identical_bytes(cdd_release, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    import_release("cdd-cesm", cdd_release, first)
+    import_release("cdd-cesm", cdd_release, second)
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
+
+
+# --- the command -----------------------------------------------------------------------------
+
+def test_import_command_refuses_non_empty_destination_unless_forced(cdd_release, tmp_path, capsys):
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("real data")
+    assert run_cli(["import", "--format", "cdd-cesm", str(cdd_release), str(dest)]) == 1
+    assert "not empty; pass --force" in capsys.readouterr().err
+    assert (dest / "keep.txt").exists()
+    assert run_cli(["import", "--format", "cdd-cesm", str(cdd_release), str(dest), "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "imported 4 images" in out and "warning:" in out and f"dvc add {dest}" in out
+    assert not (dest / "keep.txt").exists()
+
+
+def test_import_command_fails_and_leaves_destination_alone_when_nothing_imports(tmp_path, capsys):
+    source = tmp_path / "release"
+    (source / LOW_ENERGY_FOLDER).mkdir(parents=True)
+    (source / LOW_ENERGY_FOLDER / "scan.jpg").write_bytes(jpeg_bytes("L", 1))
+    write_sheet(source / ANNOTATION_FILE_NAMES[0], [])
+    dest = tmp_path / "raw"
+    assert run_cli(["import", "--format", "cdd-cesm", str(source), str(dest)]) == 1
+    err = capsys.readouterr().err
+    assert "no image could be imported" in err and "file name does not follow" in err
+    assert not dest.exists()
+
+
+def test_import_command_rejects_missing_source_folder(tmp_path, capsys):
+    assert run_cli(["import", "--format", "cesm-ucbm", str(tmp_path / "nowhere"), str(tmp_path / "raw")]) == 1
+    assert "nowhere: source release folder does not exist" in capsys.readouterr().err
+
+
+def test_import_of_unknown_format_is_an_error_naming_the_choices(tmp_path):
+    with pytest.raises(ImporterError, match=r"unknown format 'inbreast'; choose from \['cdd-cesm', 'cesm-ucbm'\]"):
+        import_release("inbreast", tmp_path, tmp_path / "raw")
+
+
+# --- CESM@UCBM fixture -----------------------------------------------------------------------
+
+def write_mammogram(path: Path, laterality: str, view: str, energy: str, age: str = "056Y", seed: int = 0) -> None:
+    """A small GE-style CESM image: 16-bit MG, LE/DES marked in ImageType as the Pristina marks it."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = DIGITAL_MG_FOR_PRESENTATION
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(path)])
+    ds.SOPClassUID = DIGITAL_MG_FOR_PRESENTATION
+    ds.Modality = "MG"
+    ds.PatientAge = age
+    ds.ImageLaterality, ds.ViewPosition = laterality, view
+    ds.ImageType = IMAGE_TYPE_LE if energy == "LE" else IMAGE_TYPE_DES
+    ds.WindowCenter, ds.WindowWidth = 2000, 4000
+    pixels = np.random.default_rng(seed).integers(0, 4096, size=(12, 10), dtype=np.uint16)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture
+def ucbm_release(tmp_path: Path) -> tuple[Path, Path]:
+    """CESM@UCBM-style release: DICOMs named as in the authors' code, plus a clinical table."""
+    root = tmp_path / "CESM_UCBM"
+    write_mammogram(root / "P96" / "P96_76_RMLO_LOW_ENERGY.dcm", "R", "MLO", "LE", seed=1)
+    write_mammogram(root / "P96" / "P96_76_RMLO_RECOMBINED.dcm", "R", "MLO", "DES", seed=2)
+    write_mammogram(root / "P96" / "P96_76_RCC_LOW_ENERGY", "R", "CC", "LE", seed=3)     # no suffix
+    write_mammogram(root / "P96" / "P96_76_RCC_RECOMBINED", "R", "MLO", "DES", seed=4)   # view disagrees
+    write_mammogram(root / "P97" / "P97-12-LCC-LE.dcm", "L", "CC", "LE", seed=5)          # malformed name
+    (root / "P97" / "P97_12_LCC_RECOMBINED.dcm").write_bytes(b"not a dicom file")       # unreadable
+    table = tmp_path / "clinical.csv"
+    pd.DataFrame({
+        "image": ["P96_76_RMLO_LOW_ENERGY", "P96_76_RMLO_RECOMBINED", "P96_76_RCC_LOW_ENERGY",
+                  "P96_76_RCC_RECOMBINED", "P97_12_LCC_RECOMBINED", "P98_3_LMLO_LOW_ENERGY"],
+        "biopsy": ["Malignant", "malignant", "", "", "benign", "benign"],
+        "ACR": ["c", "C", "b", "b", "a", "d"],
+        "phase": ["early", "early", "late", "late", "early", "early"],
+        "age": ["", "", "57", "57", "", "70"],
+    }).to_csv(table, index=False)
+    return root, table
+
+
+def test_cesm_ucbm_copies_dicom_byte_for_byte_with_clinical_values(ucbm_release, tmp_path):
+    root, table = ucbm_release
+    dest = tmp_path / "raw"
+    import_release("cesm-ucbm", root, dest, table=table)
+    meta = metadata_of(dest).set_index("file")
+    assert sorted(meta.index) == [
+        "images/P96/76/P96_76_RCC_LOW_ENERGY_LATE.dcm",
+        "images/P96/76/P96_76_RMLO_LOW_ENERGY.dcm",
+        "images/P96/76/P96_76_RMLO_RECOMBINED.dcm",
+    ]
+    source = (root / "P96" / "P96_76_RMLO_RECOMBINED.dcm").read_bytes()
+    assert (dest / "images/P96/76/P96_76_RMLO_RECOMBINED.dcm").read_bytes() == source
+    des = meta.loc["images/P96/76/P96_76_RMLO_RECOMBINED.dcm"]
+    assert (des.biopsy, des.acr, des.age, des.phase, des.energy, des.study_id) == ("malignant", "c", "56", "early", "DES", "76")
+    late = meta.loc["images/P96/76/P96_76_RCC_LOW_ENERGY_LATE.dcm"]
+    assert (late.biopsy, late.acr, late.age, late.phase) == ("none", "b", "57", "late")
+
+
+def test_cesm_ucbm_reports_malformed_name_unreadable_file_tag_mismatch_and_missing_image(ucbm_release, tmp_path):
+    root, table = ucbm_release
+    dest = tmp_path / "raw"
+    import_release("cesm-ucbm", root, dest, table=table)
+    report = report_of(dest).set_index("source")
+    reasons = report[report.status == "rejected"].reason
+    assert "file name does not follow" in reasons["P97/P97-12-LCC-LE.dcm"]
+    assert "not a readable DICOM file" in reasons["P97/P97_12_LCC_RECOMBINED.dcm"]
+    assert "DICOM view is MLO but the file name says CC" in reasons["P96/P96_76_RCC_RECOMBINED"]
+    unmatched = report[report.status == "unmatched"]
+    assert list(unmatched.index) == ["clinical.csv!row 7 (P98_3_LMLO_LOW_ENERGY)"]
+    assert list(unmatched.reason) == ["no image file named P98_3_LMLO_LOW_ENERGY in the release"]
+
+
+def test_cesm_ucbm_without_table_imports_unlabelled_images_and_says_so(ucbm_release, tmp_path):
+    root, _ = ucbm_release
+    dest = tmp_path / "raw"
+    import_release("cesm-ucbm", root, dest)
+    meta = metadata_of(dest)
+    assert set(meta.biopsy) == {"none"} and set(meta.acr) == {""} and set(meta.age) == {"56"}
+    imported = report_of(dest).query("status == 'imported'")
+    assert set(imported.reason) == {"no clinical table: biopsy none, ACR not reported"}
+
+
+def test_cesm_ucbm_table_without_image_column_is_an_error_naming_the_file(ucbm_release, tmp_path):
+    root, _ = ucbm_release
+    table = tmp_path / "bad.csv"
+    pd.DataFrame({"patient": ["P96"], "biopsy": ["benign"]}).to_csv(table, index=False)
+    with pytest.raises(ImporterError, match=r"bad\.csv: no image column"):
+        import_release("cesm-ucbm", root, tmp_path / "raw", table=table)
