@@ -191,7 +191,7 @@ def check_tags_match_name(ds: Dataset, name: ImageName) -> None:
 def import_image(path: Path, name: ImageName, row: pd.Series | None, out_dir: Path) -> tuple[str, dict]:
     ds = read_checked(path)
     check_tags_match_name(ds, name)
-    values = clinical_values(name, row, ds.get("PatientAge"), f"{path.name}")
+    values = clinical_values(name, row, ds.get("PatientAge"), path.name)
     relpath = image_relpath(name.patient, name.study, name.laterality, name.view, name.energy,
                             late=values["phase"] == "late")
     target = out_dir / relpath
