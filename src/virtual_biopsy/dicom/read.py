@@ -1,0 +1,141 @@
+"""Read mammography DICOM files the way a viewer displays them.
+
+:func:`read_pixels` returns the image in *presentation space*: stored values decoded (pydicom's
+pixel backends handle JPEG, JPEG-LS, JPEG 2000 and RLE through the installed pylibjpeg / pyjpegls
+plugins), passed through the modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence) and,
+for MONOCHROME1 images, mirrored so that higher values are brighter (dense tissue bright) as in a
+MONOCHROME2 image. :func:`display_window` returns the DICOM display window in that same space, so a
+MONOCHROME1 file and its MONOCHROME2 twin give the same pixels *and* the same window.
+
+:func:`check_complete` catches files cut short: pydicom reads a truncated file without complaint
+(the last value is simply shorter), so the declared element lengths are compared with the file size.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut
+
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+class DicomReadError(ValueError):
+    """A DICOM file cannot be turned into a presentation-space image; the message says why."""
+
+
+class TruncatedFileError(DicomReadError):
+    """The file ends before the data its header declares."""
+
+
+def read_dataset(path: str | Path) -> Dataset:
+    """Read a DICOM Part 10 file (header and pixel data); raise on a non-DICOM or truncated file.
+
+    ``pydicom.errors.InvalidDicomError`` (no DICM preamble / File Meta) propagates unchanged so the
+    caller can tell "not DICOM" from other failures.
+    """
+    ds = pydicom.dcmread(path)
+    check_complete(ds, path)
+    return ds
+
+
+def check_complete(ds: Dataset, path: str | Path) -> None:
+    """Raise :class:`TruncatedFileError` when a top-level element runs past the end of the file.
+
+    Elements still held raw (pydicom converts lazily) remember where their value starts
+    (``value_tell``) and how long the header says it is; a value that would end after the last byte
+    of the file means the file was cut short.
+    """
+    size = os.path.getsize(path)
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        if not isinstance(raw, RawDataElement) or raw.length == _UNDEFINED_LENGTH:
+            continue
+        end = raw.value_tell + raw.length
+        if end > size:
+            raise TruncatedFileError(
+                f"truncated file: element {tag} declares {raw.length} bytes ending at byte {end}, "
+                f"but the file has only {size} bytes"
+            )
+
+
+def stored_value_range(ds: Dataset) -> tuple[int, int]:
+    """Smallest and largest value the stored pixels can hold (BitsStored, PixelRepresentation)."""
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def presentation_range(ds: Dataset) -> tuple[float, float]:
+    """The stored-value range mapped through the modality LUT: the span MONOCHROME1 mirrors over."""
+    lo, hi = stored_value_range(ds)
+    ends = np.asarray(apply_modality_lut(np.array([lo, hi]), ds), dtype=np.float64)
+    return float(ends.min()), float(ends.max())
+
+
+def _photometric(ds: Dataset) -> str:
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric not in MONOCHROME:
+        raise DicomReadError(
+            f"PhotometricInterpretation {photometric or 'missing'!r} is not MONOCHROME1 or MONOCHROME2"
+        )
+    return photometric
+
+
+def read_pixels(source: str | Path | Dataset) -> np.ndarray:
+    """The image in presentation space as float32 (rows, columns): dense tissue bright.
+
+    Applies the modality LUT, then mirrors MONOCHROME1 images over :func:`presentation_range`
+    (``lo + hi - value``), which maps a MONOCHROME1 file whose stored values are ``max - s`` onto
+    exactly the pixels of its MONOCHROME2 twin with stored values ``s``. Raises
+    :class:`DicomReadError` for pixel data that cannot be decoded or is not one grey-scale frame.
+    """
+    ds = read_dataset(source) if isinstance(source, (str, Path)) else source
+    photometric = _photometric(ds)
+    if "PixelData" not in ds:
+        raise DicomReadError("no pixel data")
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # every decoder plugin raises its own type; the message is the reason
+        raise DicomReadError(f"corrupt pixel data: {exc}") from exc
+    if stored.ndim != 2:
+        raise DicomReadError(f"expected one grey-scale frame, got pixel array of shape {stored.shape}")
+    pixels = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    if photometric == "MONOCHROME1":
+        lo, hi = presentation_range(ds)
+        pixels = np.float32(lo + hi) - pixels
+    return pixels
+
+
+def _first(value: object) -> float:
+    """WindowCenter/WindowWidth may hold several windows (multi-valued); the first is the default."""
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0]
+    return float(value)
+
+
+def display_window(ds: Dataset) -> tuple[float, float]:
+    """The DICOM display window ``(center, width)`` in :func:`read_pixels` space.
+
+    Taken from WindowCenter/WindowWidth (first value when several are given). For MONOCHROME1 the
+    centre is mirrored like the pixels. Fallback when the file has no usable window: the full range
+    of stored values through the modality LUT, i.e. clipping to it changes nothing and contrast
+    stretching reduces to plain min-max normalisation (as the authors did for windowless JPEGs).
+    """
+    lo, hi = presentation_range(ds)
+    try:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        center, width = None, None
+    if center is None or not np.isfinite(center) or not np.isfinite(width) or width < 1:
+        return (lo + hi) / 2.0, hi - lo
+    if _photometric(ds) == "MONOCHROME1":
+        center = lo + hi - center
+    return center, width

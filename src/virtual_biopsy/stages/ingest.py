@@ -1,0 +1,67 @@
+"""DVC stage ingest: every file under data/raw/images becomes a manifest row or a rejected row.
+
+    python -m virtual_biopsy.stages.ingest [--root .] [--params params.yaml] [--no-mlflow]
+
+Writes data/interim/manifest.csv (data.layout.MANIFEST_COLUMNS), reports/ingest/rejected.csv
+(file, reason) and reports/ingest/summary.json (counts; dvc metrics). Exits 1 with a one-line
+message when the raw folder cannot be ingested or more than ingest.max_rejected_share of the files
+is rejected (the reports are still written, so the reasons are at hand).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from virtual_biopsy.config import ConfigError, Params, load_params
+from virtual_biopsy.data.ingest import IngestError, IngestResult, ingest_raw, summary_path, write_outputs
+from virtual_biopsy.paths import ProjectPaths
+
+STAGE = "ingest"
+
+
+def run_ingest(paths: ProjectPaths, params: Params) -> IngestResult:
+    """Ingest ``root/ingest.raw_dir`` and write the manifest and reports."""
+    result = ingest_raw(paths.root / params.ingest.raw_dir, params.ingest)
+    write_outputs(result, paths, params.ingest)
+    return result
+
+
+def log_to_mlflow(paths: ProjectPaths, params: Params, result: IngestResult) -> None:
+    """Counts as metrics; rejected report, summary and the raw contact sheet (if any) as artifacts."""
+    from virtual_biopsy import tracking
+
+    counts = {k: v for k, v in result.summary.items() if isinstance(v, (int, float))}
+    counts.update({f"rejected_{k}": v for k, v in result.summary["rejected_by_kind"].items()})
+    with tracking.stage_run(STAGE, root=paths.root, params=params) as run:
+        run.log_metrics({f"ingest.{k}": float(v) for k, v in counts.items()})
+        run.log_artifact(paths.rejected, STAGE)
+        run.log_artifact(summary_path(paths), STAGE)
+        contact_sheet = paths.root / params.ingest.raw_dir / "contact_sheet.png"
+        if contact_sheet.exists():
+            run.log_artifact(contact_sheet, STAGE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m virtual_biopsy.stages.{STAGE}", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default=".", help="project root (default: current directory)")
+    parser.add_argument("--params", default=None, help="params file (default: ROOT/params.yaml)")
+    parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
+    args = parser.parse_args(argv)
+    paths = ProjectPaths(Path(args.root))
+    try:
+        params = load_params(args.params or paths.root / "params.yaml")
+        result = run_ingest(paths, params)
+    except (ConfigError, IngestError) as exc:
+        print(f"{STAGE}: {exc}", file=sys.stderr)
+        return 1
+    if not args.no_mlflow:
+        log_to_mlflow(paths, params, result)
+    s = result.summary
+    print(f"{STAGE}: {s['accepted']} of {s['files']} files accepted ({s['patients']} patients, {s['pairs']} pair keys); "
+          f"{s['rejected']} rejected, reasons in {paths.rejected}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""DVC stage preprocess: paper 4.1 on every manifest image, into one memory-mappable array.
+
+    python -m virtual_biopsy.stages.preprocess [--root .] [--params params.yaml] [--no-mlflow]
+
+Reads data/interim/manifest.csv and the raw DICOM files; writes data/processed/images.npy
+(float32 (N, S, S) in [0, 1], S = preprocess.image_size; np.load(..., mmap_mode="r")) and
+data/processed/index.csv (manifest columns + ``row``). See data/preprocess.py for the steps.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from virtual_biopsy.config import ConfigError, Params, load_params
+from virtual_biopsy.data.preprocess import PreprocessError, read_manifest, write_processed
+from virtual_biopsy.paths import ProjectPaths
+
+STAGE = "preprocess"
+
+
+def run_preprocess(paths: ProjectPaths, params: Params) -> dict:
+    """Preprocess every manifest row; return counts and timing."""
+    manifest = read_manifest(paths.manifest)
+    return write_processed(manifest, paths.root / params.ingest.raw_dir, params.preprocess, paths)
+
+
+def log_to_mlflow(paths: ProjectPaths, params: Params, summary: dict) -> None:
+    from virtual_biopsy import tracking
+
+    with tracking.stage_run(STAGE, root=paths.root, params=params) as run:
+        run.log_metrics({f"preprocess.{k}": float(v) for k, v in summary.items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m virtual_biopsy.stages.{STAGE}", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default=".", help="project root (default: current directory)")
+    parser.add_argument("--params", default=None, help="params file (default: ROOT/params.yaml)")
+    parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
+    args = parser.parse_args(argv)
+    paths = ProjectPaths(Path(args.root))
+    try:
+        params = load_params(args.params or paths.root / "params.yaml")
+        summary = run_preprocess(paths, params)
+    except (ConfigError, PreprocessError) as exc:
+        print(f"{STAGE}: {exc}", file=sys.stderr)
+        return 1
+    if not args.no_mlflow:
+        log_to_mlflow(paths, params, summary)
+    print(f"{STAGE}: {summary['images']} images at {summary['image_size']} px in {summary['seconds']} s "
+          f"-> {paths.processed_images}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
