@@ -55,6 +55,7 @@ class IngestConfig:
     max_rejected_share: float = 0.05
     require_pairs: bool = True
     pseudonym_salt: str = "virtual-biopsy-demo"
+    workers: int = 2
 
 
 @dataclass(frozen=True)
