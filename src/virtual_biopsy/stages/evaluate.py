@@ -1,0 +1,175 @@
+"""DVC stage ``evaluate``: fusion, the paper's settings, robustness sweep, ACR breakdown, figures.
+
+    python -m virtual_biopsy.stages.evaluate [--root .] [--params params.yaml] [--no-tracking]
+
+Reads the classifiers' predictions (``outputs/predictions``) and the generator reports
+(``reports/generator``); writes ``reports/evaluation/*`` (tables as CSV and markdown, figures as
+PNG, ROC points for ``dvc plots``) and ``reports/metrics.json`` (headline metrics for
+``dvc metrics`` and the gate), then logs them to MLflow. :func:`run_evaluation` does the work
+without MLflow; :func:`log_evaluation` is the only part that talks to the tracking store.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from virtual_biopsy import evaluation as ev
+from virtual_biopsy.atomic import atomic_path, write_csv, write_json, write_text
+from virtual_biopsy.config import ConfigError, Params, load_params
+from virtual_biopsy.evaluation import figures
+from virtual_biopsy.evaluation.settings import SETTING_SLUGS, SETTING_SYNTHETIC_SHARE
+from virtual_biopsy.paths import ProjectPaths
+
+STAGE = "evaluate"
+METRIC_NAMES = ("auc", "gmean", "mcc")
+SETTING_MODALITY = {"F": "FFDM", "C": "CESM", "Ĉ": "CESM", "F+C": "FFDM+CESM", "F+Ĉ": "FFDM+CESM",
+                    "C*": "CESM", "F+C*": "FFDM+CESM"}
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What the stage computed and where it wrote it (tables are also returned for callers/tests)."""
+
+    output_dir: Path
+    metrics_file: Path
+    files: dict[str, Path]
+    fold_scores: pd.DataFrame
+    table_a1: pd.DataFrame
+    robustness: pd.DataFrame
+    acr_breakdown: pd.DataFrame
+    headline: dict
+
+
+def evaluation_dir(paths: ProjectPaths) -> Path:
+    return paths.reports / "evaluation"
+
+
+def metrics_file(paths: ProjectPaths) -> Path:
+    return paths.reports / "metrics.json"
+
+
+def _save_figure(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def run_evaluation(root: str | Path, params: Params) -> EvaluationResult:
+    """Compute every table and figure from the predictions and generator reports; write them.
+
+    Nothing is trained. Fusion weights come from validation predictions only (settings module).
+    """
+    paths = ProjectPaths(Path(root))
+    cls = params.classifier
+    predictions = ev.load_predictions(paths, cls.architectures, cls.modalities, cls.views)
+    generator = ev.load_generator_reports(paths, params.generator.views)
+
+    folds = ev.prepare_folds(predictions, tuple(cls.modalities), tuple(cls.views))
+    probabilities = ev.lesion_probabilities(folds)
+    scores = ev.fold_scores(probabilities)
+    table_a1 = ev.table_a1(scores)
+    acr = ev.acr_breakdown(ev.acr_scores(probabilities))
+    both_modalities = set(cls.modalities) == {"FFDM", "CESM"}
+    robustness = (ev.summarize_robustness(ev.robustness_scores(
+        folds, params.evaluate.robustness_shares, params.evaluate.robustness_draws, params.seed))
+        if both_modalities else pd.DataFrame(columns=["arch", "setting", "share", "metric", "mean", "sem", "n_folds"]))
+    table3 = ev.table3(generator)
+    roc = figures.roc_points(probabilities)
+    headline = ev.headline_metrics(scores)
+
+    out = evaluation_dir(paths)
+    files = {name: out / name for name in (
+        "table_a1.csv", "table_a1.md", "table3.csv", "table3.md", "robustness.csv", "acr_breakdown.csv",
+        "acr_breakdown.md", "roc.csv", "fold_scores.csv", "weights.csv", "test_probabilities.csv",
+        "figure4.png", "figure5.png", "roc.png")}
+    write_csv(files["table_a1.csv"], table_a1)
+    write_text(files["table_a1.md"], ev.table_a1_markdown(table_a1))
+    write_csv(files["table3.csv"], table3)
+    write_text(files["table3.md"], ev.table3_markdown(table3))
+    write_csv(files["robustness.csv"], robustness)
+    write_csv(files["acr_breakdown.csv"], acr)
+    write_text(files["acr_breakdown.md"], ev.acr_breakdown_markdown(acr))
+    write_csv(files["roc.csv"], roc)
+    write_csv(files["fold_scores.csv"], scores)
+    write_csv(files["weights.csv"], ev.weights_table(folds))
+    write_csv(files["test_probabilities.csv"], probabilities)
+    _save_figure(figures.figure4(table_a1), files["figure4.png"])
+    if both_modalities:
+        _save_figure(figures.figure5(robustness), files["figure5.png"])
+    else:
+        del files["figure5.png"]
+    _save_figure(figures.roc_figure(roc), files["roc.png"])
+    write_json(metrics_file(paths), headline)
+    return EvaluationResult(out, metrics_file(paths), files, scores, table_a1, robustness, acr, headline)
+
+
+def _setting_tags(arch: str, setting: str, share: int | None) -> dict[str, object]:
+    return {"arch": arch, "setting": setting, "modality": SETTING_MODALITY[setting], "view": "CC+MLO",
+            "fold": "all", "synthetic_share": "n/a" if share is None else share}
+
+
+def log_evaluation(result: EvaluationResult, root: str | Path, params: Params) -> None:
+    """Log the evaluation to MLflow: headline metrics and files on the stage run, one child run
+    per architecture × setting (per-fold values as steps) and per robustness point."""
+    from virtual_biopsy import tracking  # layer 4, needed only here
+
+    with tracking.stage_run(STAGE, root=root, params=params, tags={"archs": ",".join(params.classifier.architectures)}) as run:
+        run.log_metrics({f"{arch}.{SETTING_SLUGS[setting]}.test_{m}": values.get(m)
+                         for arch, per_setting in result.headline.items()
+                         for setting, values in per_setting.items() for m in METRIC_NAMES
+                         if values.get(m) is not None})
+        run.log_artifacts(result.output_dir, "evaluation")
+        run.log_artifact(result.metrics_file)
+        for (arch, setting), group in result.fold_scores.groupby(["arch", "setting"], sort=False):
+            with run.child(f"{arch}-{SETTING_SLUGS[setting]}",
+                           tags=_setting_tags(arch, setting, SETTING_SYNTHETIC_SHARE[setting])) as child:
+                values = result.headline[arch][setting]
+                child.log_metrics({f"test_{m}": values.get(m) for m in METRIC_NAMES if values.get(m) is not None}
+                                  | {f"test_{m}_sem": values.get(f"{m}_sem") for m in METRIC_NAMES
+                                     if values.get(f"{m}_sem") is not None})
+                for _, row in group.iterrows():
+                    child.log_metrics({f"fold_test_{m}": row[m] for m in METRIC_NAMES}, step=int(row["fold"]))
+        _log_robustness(run, result.robustness)
+
+
+def _log_robustness(run, robustness: pd.DataFrame) -> None:
+    """One child per architecture and setting of the sweep; the share of synthetic CESM is the step."""
+    sweep = robustness[robustness["setting"] != "F"]
+    for (arch, setting), group in sweep.groupby(["arch", "setting"], sort=False):
+        with run.child(f"{arch}-{SETTING_SLUGS[setting]}-robustness",
+                       tags=_setting_tags(arch, setting, None) | {"synthetic_share": "0-100"}) as child:
+            for share, at_share in group.groupby("share"):
+                child.log_metrics({f"test_{r['metric']}": r["mean"] for _, r in at_share.iterrows()}, step=int(share))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m virtual_biopsy.stages.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=".", help="project root (default: current directory)")
+    parser.add_argument("--params", default=None, help="params file (default: ROOT/params.yaml)")
+    parser.add_argument("--no-tracking", action="store_true", help="write the reports but log nothing to MLflow")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    root = Path(args.root)
+    try:
+        params = load_params(args.params or root / "params.yaml")
+        result = run_evaluation(root, params)
+    except (ConfigError, ValueError, OSError) as exc:  # expected bad input: one line, exit code 1
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 1
+    if not args.no_tracking:
+        log_evaluation(result, root, params)
+    print(ev.table_a1_markdown(result.table_a1))
+    print(f"evaluate: wrote {len(result.files)} files to {result.output_dir} and {result.metrics_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
