@@ -1,0 +1,97 @@
+"""DVC stage validate_data: great-expectations suites over the manifest and the processed images.
+
+    python -m virtual_biopsy.stages.validate_data [--root .] [--params params.yaml]
+
+Writes reports/validation/results.json (every expectation: name, suite, severity, success,
+observed value, examples), reports/validation/metrics.json (dvc metrics: evaluated, passed,
+critical_failed, warning_failed) and GX Data Docs under reports/validation/data_docs/, logs them
+to the stage's MLflow run and the verdict to the pipeline's parent run, and exits 1 naming the
+failed critical expectations when any fails (warnings are recorded, the pipeline goes on).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from virtual_biopsy.atomic import write_json
+from virtual_biopsy.config import ConfigError, Params, load_params
+from virtual_biopsy.data.quality import QualityError, QualityReport, image_stats, validate
+from virtual_biopsy.paths import ProjectPaths
+
+STAGE = "validate_data"
+
+
+def validation_dir(paths: ProjectPaths) -> Path:
+    return paths.reports / "validation"
+
+
+def read_inputs(paths: ProjectPaths) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """Manifest, processed index and the memory-mapped image array; errors name the missing file."""
+    for path in (paths.manifest, paths.processed_index, paths.processed_images):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing (run the ingest and preprocess stages first)")
+    try:
+        images = np.load(paths.processed_images, mmap_mode="r")
+    except ValueError as exc:
+        raise QualityError(f"{paths.processed_images}: not a readable .npy array ({exc})") from exc
+    return pd.read_csv(paths.manifest), pd.read_csv(paths.processed_index), images
+
+
+def run_validation(paths: ProjectPaths, params: Params) -> QualityReport:
+    """Validate, write the reports and Data Docs; return the report (the caller decides the exit)."""
+    manifest, index, images = read_inputs(paths)
+    out = validation_dir(paths)
+    report = validate(manifest, image_stats(images), params.validate_data, params.preprocess.image_size,
+                      processed_index=index, docs_dir=out / "data_docs")
+    write_json(out / "results.json", report.to_json())
+    write_json(out / "metrics.json", report.metrics())
+    return report
+
+
+def log_to_mlflow(paths: ProjectPaths, params: Params, report: QualityReport) -> None:
+    """Stage run: metrics, results and Data Docs; parent run: the verdict (the gate reads it there)."""
+    from virtual_biopsy import tracking
+
+    out = validation_dir(paths)
+    metrics = {f"data_quality.{k}": float(v) for k, v in report.metrics().items()}
+    with tracking.stage_run(STAGE, root=paths.root, params=params) as run:
+        run.log_metrics(metrics)
+        run.log_artifact(out / "results.json", "validation")
+        run.log_artifacts(out / "data_docs", "validation/data_docs")
+    tracking.log_to_parent(paths.root, params, metrics=metrics,
+                           tags={"data_quality": "passed" if report.passed else "failed"},
+                           artifacts={"validation": out / "results.json"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m virtual_biopsy.stages.{STAGE}", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default=".", help="project root (default: current directory)")
+    parser.add_argument("--params", default=None, help="params file (default: ROOT/params.yaml)")
+    parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
+    args = parser.parse_args(argv)
+    paths = ProjectPaths(Path(args.root))
+    try:
+        params = load_params(args.params or paths.root / "params.yaml")
+        report = run_validation(paths, params)
+    except (ConfigError, QualityError, FileNotFoundError, pd.errors.ParserError) as exc:
+        print(f"{STAGE}: {exc}", file=sys.stderr)
+        return 1
+    if not args.no_mlflow:
+        log_to_mlflow(paths, params, report)
+    metrics = report.metrics()
+    print(f"{STAGE}: {metrics['passed']}/{metrics['evaluated']} expectations passed, "
+          f"{metrics['warning_failed']} warning(s); Data Docs: {validation_dir(paths) / 'data_docs' / 'index.html'}")
+    for outcome in report.warning_failures:
+        print(f"  warning {outcome.suite}.{outcome.name}: {outcome.description}; examples {outcome.examples}")
+    if not report.passed:
+        print(f"{STAGE}: {report.failure_message()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
