@@ -143,3 +143,31 @@ def test_manifest_without_patient_ids_is_rejected():
     manifest.loc[0, "patient_id"] = None
     with pytest.raises(SplitError, match="without a patient_id"):
         make_folds(manifest, SplitConfig(folds=2), seed=0)
+
+
+# ---- the stage ---------------------------------------------------------------------------------
+def test_split_stage_writes_folds_counts_and_zero_leakage_summary(tmp_path):
+    import json
+
+    from virtual_biopsy.stages import split
+
+    (tmp_path / "data" / "interim").mkdir(parents=True)
+    cohort_manifest().to_csv(tmp_path / "data" / "interim" / "manifest.csv", index=False)
+    (tmp_path / "params.yaml").write_text("seed: 3\nsplit:\n  folds: 5\n")
+    assert split.main(["--root", str(tmp_path), "--no-mlflow"]) == 0
+    folds = pd.read_csv(tmp_path / "data" / "splits" / "folds.csv")
+    assert list(folds.columns) == ["patient_id", "fold", "subset"]
+    summary = json.loads((tmp_path / "reports" / "split" / "summary.json").read_text())
+    assert summary["leakage"] == 0 and summary["folds"] == 5
+    counts = pd.read_csv(tmp_path / "reports" / "split" / "fold_counts.csv")
+    assert len(counts) == 5 * 3
+
+
+def test_split_stage_fails_with_one_line_naming_the_subset(tmp_path, capsys):
+    from virtual_biopsy.stages import split
+
+    (tmp_path / "data" / "interim").mkdir(parents=True)
+    cohort_manifest(malignant=20, benign=2, none=3).to_csv(tmp_path / "data" / "interim" / "manifest.csv", index=False)
+    (tmp_path / "params.yaml").write_text("seed: 3\n")
+    assert split.main(["--root", str(tmp_path), "--no-mlflow"]) == 1
+    assert "benign patient(s) for 5 folds" in capsys.readouterr().err
