@@ -164,7 +164,8 @@ def inspect_file(path: Path, raw_dir: Path, salt: str) -> ImageRecord | Rejected
         if not image_id:
             raise Rejection("no_uid", "no SOPInstanceUID")
     except Rejection as rejection:
-        return RejectedFile(relative, rejection.kind, rejection.reason)
+        # Decoder plugins report over several lines; the report keeps one line per file.
+        return RejectedFile(relative, rejection.kind, " ".join(rejection.reason.split()))
     patient = str(ds.get("PatientID", "") or "").strip()
     study = str(ds.get("StudyInstanceUID", "") or "").strip()
     return ImageRecord(

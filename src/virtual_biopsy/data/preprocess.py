@@ -105,7 +105,7 @@ def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
     so every source pixel contributes (no aliasing) and the weights are convex (no overshoot,
     unlike Lanczos); it is several times faster than skimage's Gaussian-then-interpolate.
     """
-    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
+    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32))  # float32 -> mode "F"
     resized = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
     return np.clip(resized, 0.0, 1.0)
 

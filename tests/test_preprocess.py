@@ -1,0 +1,147 @@
+"""Preprocess (paper 4.1): padding value and side, orientation, contrast stretch, range, shape."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from virtual_biopsy.config import SynthConfig
+from virtual_biopsy.data.layout import MANIFEST_COLUMNS
+from virtual_biopsy.data.preprocess import (
+    BACKGROUND_STRIP,
+    chest_wall_on_left,
+    contrast_stretch,
+    pad_to_square,
+    preprocess_file,
+    preprocess_pixels,
+    resize_square,
+)
+from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.stages import ingest as ingest_stage
+from virtual_biopsy.stages import preprocess as preprocess_stage
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def raw_source(request, tmp_path_factory) -> Path:
+    """A tiny simulated raw folder (the shared ``tiny_raw`` fixture when the suite provides it)."""
+    try:
+        tiny = Path(request.getfixturevalue("tiny_raw"))
+        return tiny if (tiny / "metadata.csv").exists() else tiny / "data" / "raw"
+    except pytest.FixtureLookupError:
+        from virtual_biopsy.data.synthetic import synthesize
+
+        raw = tmp_path_factory.mktemp("raw") / "raw"
+        synthesize(raw, SynthConfig(patients=4, image_height=64), seed=7)
+        return raw
+
+
+@pytest.fixture(scope="module")
+def processed(raw_source, tmp_path_factory) -> ProjectPaths:
+    """A temp project after the ingest and preprocess stages (two worker processes)."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(raw_source, root / "data" / "raw")
+    (root / "params.yaml").write_text(f"ingest:\n  workers: 2\npreprocess:\n  image_size: {SIZE}\n  workers: 2\n")
+    assert ingest_stage.main(["--root", str(root), "--no-mlflow"]) == 0
+    assert preprocess_stage.main(["--root", str(root), "--no-mlflow"]) == 0
+    return ProjectPaths(root)
+
+
+# --- single steps on hand-made arrays ----------------------------------------------------------
+
+def _tall_image() -> np.ndarray:
+    """8 x 4 image: background 10 in the leftmost column, tissue 100 elsewhere."""
+    image = np.full((8, 4), 100.0, dtype=np.float32)
+    image[:, 0] = 10.0
+    return image
+
+
+def test_padding_goes_on_the_side_away_from_the_chest_wall_with_the_background_mean():
+    image = _tall_image()
+    strip = max(1, round(image.shape[1] * BACKGROUND_STRIP))
+    padded = pad_to_square(image, float(image[:, :strip].mean()))
+    assert padded.shape == (8, 8)
+    np.testing.assert_array_equal(padded[:, :4], 10.0)  # chest wall is on the right: pad left
+    np.testing.assert_array_equal(padded[:, 4:], image)
+
+
+def test_wide_image_is_padded_top_and_bottom():
+    padded = pad_to_square(np.ones((3, 6), dtype=np.float32), 0.0)
+    assert padded.shape == (6, 6)
+    assert padded[1:4].all() and not padded[0].any() and not padded[4:].any()
+
+
+def test_left_breast_is_mirrored_so_a_chest_wall_marker_ends_on_the_right():
+    image = np.zeros((64, 48), dtype=np.float32)
+    image[28:36, :4] = 1000.0  # marker at the chest wall of a left breast (column 0)
+    out = preprocess_pixels(image, center=500.0, width=1000.0, chest_wall_left=True, size=SIZE)
+    rows, cols = np.nonzero(out > 0.5)
+    assert cols.min() >= SIZE * 3 // 4 and 12 <= rows.mean() <= 20
+    kept = preprocess_pixels(image[:, ::-1], center=500.0, width=1000.0, chest_wall_left=False, size=SIZE)
+    np.testing.assert_allclose(kept, out, atol=1e-6)  # a right breast with the same anatomy
+
+
+@pytest.mark.parametrize(
+    ("orientation", "laterality", "expected"),
+    [(["A", "R"], "R", True), (["P", "L"], "L", False), (None, "L", True), ("", "R", False)],
+)
+def test_chest_wall_side_comes_from_patient_orientation_then_laterality(orientation, laterality, expected):
+    assert chest_wall_on_left(orientation, laterality) is expected
+
+
+def test_contrast_stretch_clips_to_the_window_and_spans_zero_to_one():
+    image = np.array([[0.0, 100.0, 150.0, 200.0, 1000.0]], dtype=np.float32)
+    out = contrast_stretch(image, center=150.0, width=100.0)
+    np.testing.assert_allclose(out, [[0.0, 0.0, 0.5, 1.0, 1.0]])
+
+
+def test_constant_image_stretches_to_zeros_not_nan():
+    out = contrast_stretch(np.full((4, 4), 7.0, dtype=np.float32), center=7.0, width=10.0)
+    assert np.isfinite(out).all() and not out.any()
+
+
+def test_resize_keeps_values_in_range_and_averages_instead_of_aliasing():
+    checker = (np.indices((64, 64)).sum(axis=0) % 2).astype(np.float32)  # finest possible pattern
+    out = resize_square(checker, 16)
+    assert out.shape == (16, 16) and out.min() >= 0 and out.max() <= 1
+    np.testing.assert_allclose(out, 0.5, atol=0.05)  # aliasing would give stripes of 0 and 1
+
+
+# --- the stage on a tiny simulated dataset -----------------------------------------------------
+
+def test_stage_writes_a_memory_mappable_unit_range_array_and_an_index(processed):
+    images = np.load(processed.processed_images, mmap_mode="r")
+    index = pd.read_csv(processed.processed_index)
+    manifest = pd.read_csv(processed.manifest)
+    assert isinstance(images, np.memmap) and images.dtype == np.float32
+    assert images.shape == (len(manifest), SIZE, SIZE)
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+    assert list(index.columns) == [*MANIFEST_COLUMNS, "row"]
+    assert index["row"].tolist() == list(range(len(manifest)))
+    assert index["image_id"].tolist() == manifest["image_id"].tolist()
+
+
+def test_every_breast_ends_with_the_chest_wall_on_the_right(processed):
+    images = np.load(processed.processed_images, mmap_mode="r")
+    half = SIZE // 2
+    right, left = images[:, :, half:].mean(axis=(1, 2)), images[:, :, :half].mean(axis=(1, 2))
+    assert (right > left).all()
+
+
+def test_stage_rows_match_preprocessing_each_file_alone(processed):
+    images = np.load(processed.processed_images, mmap_mode="r")
+    index = pd.read_csv(processed.processed_index)
+    for row in (0, len(index) - 1):
+        alone = preprocess_file(processed.raw / index.at[row, "source_path"], index.at[row, "laterality"], SIZE)
+        np.testing.assert_array_equal(images[row], alone)
+
+
+def test_stage_names_the_missing_manifest(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text("preprocess:\n  workers: 1\n")
+    assert preprocess_stage.main(["--root", str(tmp_path), "--no-mlflow"]) == 1
+    err = capsys.readouterr().err
+    assert "manifest.csv" in err and "run the ingest stage first" in err
