@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Debian packages the test suite needs: PostgreSQL server binaries (tests start a throwaway
-# cluster on loopback themselves). Idempotent: does nothing when they are already there.
+# cluster on loopback themselves) and dicom3tools (dciodvfy validates the DICOM we write).
+# Idempotent: does nothing when they are already there.
 set -euo pipefail
 need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)   # DICOM IOD validator (tests/test_dicom_write.py)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

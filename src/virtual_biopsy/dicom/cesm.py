@@ -6,7 +6,9 @@ acquisition as Digital Mammography X-Ray objects; the fourth value of ImageType 
 ``DERIVED\\PRIMARY\\\\RECOMBINED`` for the dual-energy subtracted (DES) image. Other vendors put
 "LOW ENERGY" / "SUBTRACTED" / "RECOMBINED" in SeriesDescription only, so reading falls back to it.
 
-Images imputed by a generator are written as ``DERIVED\\SECONDARY\\\\SYNTHETIC_RECOMBINED`` with
+Images imputed by a generator are written as ``DERIVED\\SECONDARY\\\\RECOMBINED\\SYNTHETIC`` (a
+fifth value: ``SYNTHETIC_RECOMBINED`` would break the 16-character limit of a CS value, and the
+third value of a mammogram's ImageType must stay empty) with
 a SeriesDescription starting "SYNTHETIC CESM"; simulated images of the embedded dataset say
 SIMULATED in ImageComments and SeriesDescription.
 """
@@ -21,7 +23,7 @@ MG_SOP_CLASSES = (DIGITAL_MG_FOR_PRESENTATION, DIGITAL_MG_FOR_PROCESSING)
 
 IMAGE_TYPE_LE = ["ORIGINAL", "PRIMARY", "", "LOW_ENERGY"]
 IMAGE_TYPE_DES = ["DERIVED", "PRIMARY", "", "RECOMBINED"]
-IMAGE_TYPE_SYNTHETIC_DES = ["DERIVED", "SECONDARY", "", "SYNTHETIC_RECOMBINED"]
+IMAGE_TYPE_SYNTHETIC_DES = ["DERIVED", "SECONDARY", "", "RECOMBINED", "SYNTHETIC"]
 
 SIMULATED_MARK = "SIMULATED"
 SYNTHETIC_MARK = "SYNTHETIC"

@@ -326,7 +326,7 @@ def build_mammogram_dataset(
 
     ``pixels`` (uint16, rows x columns, values below ``2**bits_stored``) become MONOCHROME2 pixel
     data; ``energy`` is ``"LE"`` or ``"DES"``; ``synthetic=True`` marks a generator-imputed DES
-    image (ImageType ``DERIVED\\SECONDARY\\\\SYNTHETIC_RECOMBINED``). Content date and time
+    image (ImageType ``DERIVED\\SECONDARY\\\\RECOMBINED\\SYNTHETIC``). Content date and time
     default to the study's. Raises :class:`DicomBuildError` naming the offending value.
     """
     if laterality not in LATERALITIES:
