@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 
 from virtual_biopsy import evaluation as ev
-from virtual_biopsy.config import params_from_dict
 from virtual_biopsy.evaluation.predictions import PREDICTION_COLUMNS, PredictionsError
 from virtual_biopsy.paths import ProjectPaths
 from virtual_biopsy.stages import evaluate as stage
@@ -54,13 +53,6 @@ def _predictions(lesions: pd.DataFrame, arch: str, modality: str, view: str, rng
                     "p_malignant": 1 / (1 + np.exp(-logit)),
                 }))
     return pd.concat(frames, ignore_index=True)[list(PREDICTION_COLUMNS)]
-
-
-def _params(**evaluate):
-    return params_from_dict({
-        "classifier": {"architectures": list(ARCHS)},
-        "evaluate": {"robustness_shares": [0, 50, 100], "robustness_draws": 3, **evaluate},
-    })
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ with test-set means per fold (baseline: the LE image itself taken as the CESM es
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -120,8 +121,6 @@ def load_predictions(paths: ProjectPaths, architectures: Iterable[str], modaliti
 
 def load_generator_reports(paths: ProjectPaths, views: Iterable[str]) -> dict[str, list[dict[str, float]]]:
     """Per-view list of per-fold generator metrics, checked against the contract."""
-    import json
-
     reports: dict[str, list[dict[str, float]]] = {}
     for view in views:
         path = generator_report_path(paths, view)

@@ -40,8 +40,8 @@ def robustness_scores(folds: list[FoldData], shares: Iterable[int], draws: int, 
     if any(f.weights.modalities is None for f in folds):
         raise ValueError("the robustness sweep needs both FFDM and CESM classifiers")
     rows = []
-    labels_by_fold = {id(f): f.test["label"].to_numpy() for f in folds}
     for fold in folds:
+        labels = fold.test["label"].to_numpy()
         patients = fold.test["patient_id"].to_numpy()
         for share in shares:
             for draw in range(draws):
@@ -49,7 +49,7 @@ def robustness_scores(folds: list[FoldData], shares: Iterable[int], draws: int, 
                 probs = mixed_probabilities(fold, np.isin(patients, list(chosen)))
                 for setting in ROBUSTNESS_SETTINGS:
                     rows.append({"arch": fold.arch, "fold": fold.fold, "share": int(share), "draw": draw,
-                                 "setting": setting, **score(labels_by_fold[id(fold)], probs[setting])})
+                                 "setting": setting, **score(labels, probs[setting])})
     return pd.DataFrame(rows)
 
 
