@@ -16,6 +16,7 @@ COMMANDS = {
     "import": "virtual_biopsy.data.importers",
     "pipeline": "virtual_biopsy.pipeline_runs",
     "profile": "virtual_biopsy.profiles",
+    "server": "virtual_biopsy.server",
 }
 
 
