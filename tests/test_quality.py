@@ -99,7 +99,7 @@ DEFECTS: dict[str, tuple[str, Callable | None, Callable | None]] = {
     "class balance out of bounds": ("malignant_share_in_range", _only_malignant, None),
     "blank image": ("image_std_plausible", None, _image(np.zeros_like)),
     "saturated image": ("image_mean_plausible", None, _image(np.ones_like)),
-    "inverted image": ("image_mean_plausible", None, _image(lambda im: np.clip(1.0 - im + 0.35, 0, 1))),
+    "inverted image": ("image_background_dark", None, _image(lambda im: 1.0 - im)),
     "NaN pixel": ("pixels_finite", None, _image(lambda im: np.where(np.eye(SIZE, dtype=bool), np.nan, im))),
     "pixel above 1": ("pixel_max_in_unit_range", None, _image(lambda im: im * 1.5 + 0.2)),
     "negative pixel": ("pixel_min_in_unit_range", None, _image(lambda im: im - 0.3)),

@@ -37,7 +37,13 @@ LESION_LABELS = ("malignant", "benign")
 # Columns that identify or classify an image: a null here makes the row unusable.
 REQUIRED_NON_NULL = ("image_id", "patient_id", "study_id", "laterality", "view", "modality", "phase",
                      "label", "pair_key", "source_path")
-IMAGE_STATS_COLUMNS = ("row", "height", "width", "mean", "std", "min", "max", "finite")
+IMAGE_STATS_COLUMNS = ("row", "height", "width", "mean", "std", "min", "max", "finite", "background_edge_mean")
+# Preprocessing pads the side away from the chest wall with background and flips every breast to
+# one orientation, so one outer column strip of a processed image is air: dark after windowing
+# (0.0 on the embedded data). An inverted image has it bright (>= 0.37 there) while its mean can
+# stay inside image_mean_range, so the darker edge strip is what catches inversion.
+BACKGROUND_EDGE_MAX = 0.2
+EDGE_STRIP = 16        # the strip is 1/16 of the width
 EXAMPLES = 5           # example failing values/ids kept per expectation
 STATS_CHUNK = 256      # images read from the memmap at once
 
@@ -50,7 +56,8 @@ class QualityError(ValueError):
 # Per-image statistics
 # --------------------------------------------------------------------------------------------
 def image_stats(images: np.ndarray, chunk: int = STATS_CHUNK) -> pd.DataFrame:
-    """One row per image of an (N, H, W) array: row, height, width, mean, std, min, max, finite.
+    """One row per image of an (N, H, W) array: row, height, width, mean, std, min, max, finite,
+    background_edge_mean (see BACKGROUND_EDGE_MAX).
 
     mean/std/min/max ignore non-finite pixels so one NaN does not hide a blank or saturated
     image; ``finite`` says whether every pixel is finite. Reads ``chunk`` images at a time so a
@@ -72,11 +79,18 @@ def image_stats(images: np.ndarray, chunk: int = STATS_CHUNK) -> pd.DataFrame:
                 "min": np.nanmin(masked, axis=(1, 2)),
                 "max": np.nanmax(masked, axis=(1, 2)),
                 "finite": finite.all(axis=(1, 2)),
+                "background_edge_mean": _darker_edge_mean(masked),
             }))
     stats = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(IMAGE_STATS_COLUMNS))
     stats.insert(1, "height", height)
     stats.insert(2, "width", width)
     return stats[list(IMAGE_STATS_COLUMNS)]
+
+
+def _darker_edge_mean(block: np.ndarray) -> np.ndarray:
+    """Mean of the darker of the left and right outer column strips of each image."""
+    strip = max(1, block.shape[2] // EDGE_STRIP)
+    return np.minimum(np.nanmean(block[:, :, :strip], axis=(1, 2)), np.nanmean(block[:, :, -strip:], axis=(1, 2)))
 
 
 @contextlib.contextmanager
@@ -209,6 +223,9 @@ def build_checks(cfg: ValidateDataConfig, image_size: int, n_index_rows: int) ->
     add("image_std_plausible", "image_stats", CRITICAL, "ExpectColumnValuesToBeBetween", ("std",),
         f"per-image std lies in {list(cfg.image_std_range)} (catches flat and binary-like images)",
         column="std", min_value=cfg.image_std_range[0], max_value=cfg.image_std_range[1])
+    add("image_background_dark", "image_stats", CRITICAL, "ExpectColumnValuesToBeBetween",
+        ("background_edge_mean",), f"the darker outer column strip (background) has mean <= {BACKGROUND_EDGE_MAX} "
+        "(catches inverted images)", column="background_edge_mean", max_value=BACKGROUND_EDGE_MAX)
     return checks
 
 
