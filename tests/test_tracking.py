@@ -88,3 +88,13 @@ def test_tracking_uri_env_overrides_embedded_store(project, monkeypatch, tmp_pat
     assert (other / "elsewhere.db").exists()
     assert not (project / "mlruns" / "mlflow.db").exists()
     assert mlflow.__version__.startswith("3.")
+
+
+def test_sqlite_uri_keeps_artifacts_beside_the_database(project, monkeypatch, tmp_path_factory):
+    other = tmp_path_factory.mktemp("sqlite-store")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}/store.db")
+    monkeypatch.chdir(project)
+    with tracking.stage_run("ingest", root=project) as run:
+        run.log_text("hello", "note.txt")
+    assert (other / "artifacts").is_dir()
+    assert not (project / "mlruns").exists()

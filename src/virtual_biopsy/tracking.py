@@ -62,6 +62,20 @@ def _uses_embedded_store(root: str | Path) -> bool:
     return not os.environ.get("MLFLOW_TRACKING_URI")
 
 
+def _artifact_location(root: str | Path) -> str | None:
+    """Artifact folder of a new experiment: beside a SQLite store, the server's choice otherwise.
+
+    Without this a bare ``sqlite:`` URI would put artifacts in ``./mlruns`` of whatever folder
+    the process happens to run in.
+    """
+    if _uses_embedded_store(root):
+        return embedded_store(root)[1]
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
+    return None  # a tracking server decides (e.g. --artifacts-destination s3://...)
+
+
 def get_client(root: str | Path = "."):
     """An ``MlflowClient`` on the configured store (creates the embedded folder when needed)."""
     mlflow = _mlflow()
@@ -81,7 +95,7 @@ def experiment_id(client, root: str | Path = ".", name: str | None = None) -> st
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = embedded_store(root)[1] if _uses_embedded_store(root) else None
+    location = _artifact_location(root)
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception:  # another process created it between our lookup and create
