@@ -104,7 +104,8 @@ class Anatomy:
     skin: np.ndarray
     glandular: np.ndarray
     muscle: np.ndarray
-    mass: np.ndarray        # mass body
+    mass: np.ndarray        # mass body as LE sees it (projected thickness: dome-shaped)
+    footprint: np.ndarray   # where the mass is (flat top): the volume that takes up contrast
     spicules: np.ndarray
     rim: np.ndarray         # mass rim weight (malignant rim enhancement)
 
@@ -212,8 +213,8 @@ def _pectoral(view: str, rows: int, cols: int, rng: np.random.Generator) -> np.n
 
 
 def _mass_maps(mass: Mass, view: str, edge: np.ndarray, centre: float, half: np.ndarray,
-               shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mass body, spicules and rim weight of ``mass`` placed in this view."""
+               shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mass body (dome-shaped), footprint (flat), spicules and rim weight of ``mass`` in this view."""
     rows, cols = shape
     offset = mass.offsets[0 if view == "CC" else 1]
     cy = float(np.clip(centre + offset * 0.8 * (half.min()), 0.1, 0.9))
@@ -230,10 +231,11 @@ def _mass_maps(mass: Mass, view: str, edge: np.ndarray, centre: float, half: np.
         boundary += amplitude * np.cos(k * theta + phase)
     boundary *= mass.radius
     pixel = 1.0 / rows
-    margin = (2.5 if mass.label == "malignant" else 0.7) * pixel  # blurred vs circumscribed
-    body = 1 / (1 + np.exp((dist - boundary) / margin))
+    # margin width relative to the mass: blurred (malignant) vs circumscribed (benign)
+    margin = max(0.5 * pixel, (0.10 if mass.label == "malignant" else 0.03) * mass.radius)
+    footprint = 1 / (1 + np.exp((dist - boundary) / margin))
     dome = np.sqrt(np.clip(1 - (dist / np.maximum(boundary, 1e-6)) ** 2, 0, 1))
-    body = body * (0.6 + 0.4 * dome)
+    body = footprint * (0.6 + 0.4 * dome)
     rim = np.clip(dist / np.maximum(boundary, 1e-6), 0, 1) ** 2
     spicules = np.zeros(shape, np.float32)
     width = max(0.6 * pixel, 0.004)
@@ -244,7 +246,7 @@ def _mass_maps(mass: Mass, view: str, edge: np.ndarray, centre: float, half: np.
         reach = length * mass.radius
         taper = np.clip(1 - t / reach, 0, 1) * (t > 0.5 * mass.radius)
         spicules = np.maximum(spicules, taper * np.exp(-0.5 * (d / width) ** 2))
-    return body.astype(np.float32), spicules.astype(np.float32), rim.astype(np.float32)
+    return body.astype(np.float32), footprint.astype(np.float32), spicules.astype(np.float32), rim.astype(np.float32)
 
 
 def render_anatomy(breast: Breast, view: str, rows: int, cols: int) -> Anatomy:
@@ -260,12 +262,12 @@ def render_anatomy(breast: Breast, view: str, rows: int, cols: int) -> Anatomy:
     muscle = _pectoral(view, rows, cols, rng) * mask
     if breast.mass is None:
         zero = np.zeros((rows, cols), np.float32)
-        body, spicules, rim = zero, zero, zero
+        body, footprint, spicules, rim = zero, zero, zero, zero
     else:
-        body, spicules, rim = _mass_maps(breast.mass, view, edge, centre, half, (rows, cols))
-        body, spicules = body * mask, spicules * mask * (1 - muscle)
+        body, footprint, spicules, rim = _mass_maps(breast.mass, view, edge, centre, half, (rows, cols))
+        body, footprint, spicules = body * mask, footprint * mask, spicules * mask * (1 - muscle)
     return Anatomy(mask.astype(np.float32), thickness.astype(np.float32), skin, glandular,
-                   muscle.astype(np.float32), body, spicules, rim)
+                   muscle.astype(np.float32), body, footprint, spicules, rim)
 
 
 def low_energy_image(anatomy: Anatomy, config: SynthConfig, rng: np.random.Generator) -> np.ndarray:
@@ -303,9 +305,10 @@ def recombined_image(anatomy: Anatomy, breast: Breast, config: SynthConfig, late
     bpe = bpe_scale * ndimage.gaussian_filter(a.glandular * (1 - a.muscle), spread_px) ** 1.5
     uptake = lesion_uptake(breast, late)
     if breast.mass is not None and breast.mass.label == "malignant":
-        mass_signal = a.mass * (0.55 + 0.45 * a.rim)             # rim enhancement
+        # rim enhancement (periphery brighter than the core), mean factor 1 over the mass
+        mass_signal = a.footprint * (0.8 + 0.4 * a.rim)
     else:
-        mass_signal = a.mass
+        mass_signal = a.footprint
     halo = DES_EDGE_HALO * (1 - a.thickness) * a.breast
     level = DES_AIR_LEVEL + (DES_BREAST_LEVEL - DES_AIR_LEVEL) * a.breast
     signal = level + halo + residual + bpe + uptake * mass_signal

@@ -80,7 +80,7 @@ MIN_IMAGE_HEIGHT = 48
 
 # Stored value = offset + scale * simulated intensity (12-bit range).
 LE_OFFSET, LE_SCALE = 150.0, 3600.0
-DES_OFFSET, DES_SCALE = 1400.0, 1400.0
+DES_OFFSET, DES_SCALE = 1024.0, 1000.0
 # DES display window: from 0.15 below to 0.85 above the unenhanced breast level (intensity units).
 DES_WINDOW_BELOW, DES_WINDOW_ABOVE = 0.15, 0.85
 
