@@ -29,7 +29,7 @@ from tqdm import tqdm
 from virtual_biopsy.atomic import write_csv, write_json
 from virtual_biopsy.config import ACR_CATEGORIES, LABELS, PHASES, IngestConfig
 from virtual_biopsy.dicom.cesm import UnknownEnergyError, energy_of, is_simulated, is_synthetic
-from virtual_biopsy.dicom.read import DicomReadError, display_window, read_dataset, read_pixels
+from virtual_biopsy.dicom.read import DicomReadError, check_pixel_data, display_window, read_dataset
 from virtual_biopsy.data.layout import ENERGY_TO_MODALITY, MANIFEST_COLUMNS, METADATA_COLUMNS, pair_key
 from virtual_biopsy.paths import ProjectPaths
 
@@ -156,7 +156,7 @@ def inspect_file(path: Path, raw_dir: Path, salt: str) -> ImageRecord | Rejected
         except UnknownEnergyError as exc:
             raise Rejection("energy", f"unknown energy: {exc}") from None
         try:
-            pixels = read_pixels(ds)  # decodes: the only way to know compressed data is intact
+            check_pixel_data(ds)
             center, width = display_window(ds)
         except DicomReadError as exc:
             raise Rejection("pixel_data", str(exc)) from None
@@ -176,8 +176,8 @@ def inspect_file(path: Path, raw_dir: Path, salt: str) -> ImageRecord | Rejected
         laterality=laterality,
         view=view,
         modality=ENERGY_TO_MODALITY[energy],
-        rows=int(pixels.shape[0]),
-        columns=int(pixels.shape[1]),
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
         window_center=round(float(center), 3),
         window_width=round(float(width), 3),
         dicom_age=age_from_dicom(ds),

@@ -21,6 +21,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
+from pydicom.pixels.utils import get_expected_length
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -112,6 +113,26 @@ def read_pixels(source: str | Path | Dataset) -> np.ndarray:
         lo, hi = presentation_range(ds)
         pixels = np.float32(lo + hi) - pixels
     return pixels
+
+
+def check_pixel_data(ds: Dataset) -> None:
+    """Raise :class:`DicomReadError` unless the pixel data is one intact grey-scale frame.
+
+    Compressed pixel data is decoded (only a decoder can tell it is intact). Native pixel data
+    cannot be corrupt in any other way than its length, which is checked without decoding: that
+    is all decoding it would check, and it halves the cost of ingesting a native file.
+    """
+    _photometric(ds)
+    if "PixelData" not in ds:
+        raise DicomReadError("no pixel data")
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise DicomReadError("expected one grey-scale frame")
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        read_pixels(ds)
+        return
+    expected, actual = get_expected_length(ds), len(ds.PixelData)
+    if actual < expected:
+        raise DicomReadError(f"corrupt pixel data: {actual} bytes where Rows x Columns x BitsAllocated need {expected}")
 
 
 def _first(value: object) -> float:
