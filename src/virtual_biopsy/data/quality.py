@@ -17,6 +17,7 @@ because GX expectations look at one table at a time.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -314,9 +315,10 @@ def validate(manifest: pd.DataFrame, image_stats_df: pd.DataFrame, cfg: Validate
     runnable = [c for c in checks if set(c.columns) <= set(tables[c.table].columns)]
     with _gx_workspace(docs_dir) as workspace:
         results = _run_suites(workspace, tables, runnable)
+        report = QualityReport([_outcome(check, results[check.name]) for check in runnable])
         if docs_dir is not None:
-            _publish_docs(workspace, Path(docs_dir))
-    return QualityReport([_outcome(check, results[check.name]) for check in runnable])
+            _publish_docs(workspace, Path(docs_dir), report)
+    return report
 
 
 @contextlib.contextmanager
@@ -395,8 +397,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _publish_docs(workspace: Path, docs_dir: Path) -> None:
-    """Copy GX's local Data Docs site (static HTML, relative links) to ``docs_dir``, replacing it."""
+def _publish_docs(workspace: Path, docs_dir: Path, report: QualityReport) -> None:
+    """Copy GX's Data Docs site to ``docs_dir`` with an offline ``index.html`` in front of it.
+
+    GX's own index draws its list with JavaScript from CDNs, so it is blank without network (as
+    on a hospital workstation or in CI). It is kept as ``gx_index.html``; the ``index.html`` put
+    in its place is plain HTML: the verdict, every expectation, and links to GX's per-suite pages
+    (which render server-side and read fine offline).
+    """
     from virtual_biopsy.atomic import atomic_dir
 
     site = workspace / "gx" / "uncommitted" / "data_docs" / "local_site"
@@ -404,3 +412,42 @@ def _publish_docs(workspace: Path, docs_dir: Path) -> None:
         raise QualityError(f"great-expectations built no Data Docs under {site}")
     with atomic_dir(docs_dir) as tmp:
         shutil.copytree(site, tmp, dirs_exist_ok=True)
+        (tmp / "index.html").rename(tmp / "gx_index.html")
+        suite_pages = {page.relative_to(tmp).parts[1]: page.relative_to(tmp).as_posix()
+                       for page in sorted((tmp / "validations").rglob("*.html"))}
+        (tmp / "index.html").write_text(overview_html(report, suite_pages))
+
+
+def overview_html(report: QualityReport, suite_pages: dict[str, str]) -> str:
+    """Self-contained HTML summary of a report (no scripts, no external assets)."""
+    from html import escape
+
+    metrics = report.metrics()
+    verdict = "PASSED" if report.passed else "FAILED"
+    links = " · ".join(f'<a href="{escape(href)}">{escape(suite)}</a>' for suite, href in suite_pages.items())
+    rows = []
+    for o in sorted(report.outcomes, key=lambda o: (o.success, o.severity != CRITICAL, o.suite, o.name)):
+        status = "pass" if o.success else f"FAIL ({o.severity})"
+        css = "ok" if o.success else o.severity
+        shown = o.observed if o.observed is not None else o.unexpected_count
+        rows.append(f'<tr class="{css}"><td>{status}</td><td>{escape(o.suite)}</td><td><b>{escape(o.name)}</b>'
+                    f"<br><small>{escape(o.description)}</small></td><td>{escape(o.severity)}</td>"
+                    f"<td>{escape(str(shown))}</td><td><small>{escape(json.dumps(o.examples, default=str))}"
+                    "</small></td></tr>")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Data quality: {verdict}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+h1 span {{ padding: .1em .4em; border-radius: .2em; color: white; background: {"#2e7d32" if report.passed else "#c62828"}; }}
+table {{ border-collapse: collapse; width: 100%; }} td, th {{ border-bottom: 1px solid #ddd; padding: .35em .6em; text-align: left; vertical-align: top; }}
+tr.critical td:first-child {{ color: #c62828; font-weight: bold; }} tr.warning td:first-child {{ color: #b26a00; font-weight: bold; }}
+tr.ok td:first-child {{ color: #2e7d32; }} small {{ color: #555; }}
+</style></head><body>
+<h1>Data quality <span>{verdict}</span></h1>
+<p>{metrics['passed']} of {metrics['evaluated']} expectations passed; {metrics['critical_failed']} critical and
+{metrics['warning_failed']} warning failure(s). A critical failure stops the pipeline; a warning is recorded.</p>
+<p>Great Expectations validation pages per suite: {links} (<a href="gx_index.html">GX index</a>, needs network)</p>
+<table><tr><th>result</th><th>suite</th><th>expectation</th><th>severity</th><th>observed / unexpected</th><th>examples</th></tr>
+{chr(10).join(rows)}
+</table></body></html>
+"""
