@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.special import expit
 
 from virtual_biopsy.config import SynthConfig
 
@@ -195,7 +196,7 @@ def _glandular(mask: np.ndarray, edge: np.ndarray, centre: float, half: np.ndarr
     threshold = np.quantile(score[inside], 1 - dense_share) if inside.any() else 0.0
     # a soft threshold keeps graded, wispy borders instead of plateaus; thin strands along the
     # nipple axis (ducts, Cooper's ligaments) modulate the tissue from inside
-    glandular = 1 / (1 + np.exp(-(score - threshold) / 0.35))
+    glandular = expit((score - threshold) / 0.35)
     strands = _smooth_field((rows, cols), (0.004 * rows, 0.02 * rows), rng)
     glandular = np.clip(glandular * (0.88 + 0.12 * strands) + 0.02 * strands, 0, 1)
     return (glandular * thickness * mask).astype(np.float32)
@@ -209,7 +210,7 @@ def _pectoral(view: str, rows: int, cols: int, rng: np.random.Generator) -> np.n
     width, height = rng.uniform(0.18, 0.30), rng.uniform(0.45, 0.70)
     # slightly convex anterior border, soft by a pixel or two
     reach = x / width + (y / height) ** 1.3
-    return (1 / (1 + np.exp((reach - 1) * rows * 0.02 / 0.5))).astype(np.float32)
+    return expit((1 - reach) * rows * 0.04).astype(np.float32)
 
 
 def _mass_maps(mass: Mass, view: str, edge: np.ndarray, centre: float, half: np.ndarray,
@@ -233,7 +234,7 @@ def _mass_maps(mass: Mass, view: str, edge: np.ndarray, centre: float, half: np.
     pixel = 1.0 / rows
     # margin width relative to the mass: blurred (malignant) vs circumscribed (benign)
     margin = max(0.5 * pixel, (0.10 if mass.label == "malignant" else 0.03) * mass.radius)
-    footprint = 1 / (1 + np.exp((dist - boundary) / margin))
+    footprint = expit((boundary - dist) / margin)
     dome = np.sqrt(np.clip(1 - (dist / np.maximum(boundary, 1e-6)) ** 2, 0, 1))
     body = footprint * (0.6 + 0.4 * dome)
     rim = np.clip(dist / np.maximum(boundary, 1e-6), 0, 1) ** 2
