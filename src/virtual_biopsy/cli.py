@@ -15,6 +15,7 @@ COMMANDS = {
     "synth": "virtual_biopsy.data.synthetic",
     "import": "virtual_biopsy.data.importers",
     "pipeline": "virtual_biopsy.pipeline_runs",
+    "impute": "virtual_biopsy.stages.impute",
     "profile": "virtual_biopsy.profiles",
     "server": "virtual_biopsy.server",
 }
