@@ -118,15 +118,19 @@ def preprocess_pixels(pixels: np.ndarray, center: float, width: float, chest_wal
     return resize_square(contrast_stretch(square, center, width), size)
 
 
+def preprocess_dataset(ds, laterality: str, size: int) -> np.ndarray:
+    """Preprocess one DICOM dataset already read (the stage and ``vbiopsy predict`` share this)."""
+    pixels = read_pixels(ds)
+    center, width = display_window(ds)
+    return preprocess_pixels(pixels, center, width, chest_wall_on_left(ds.get("PatientOrientation"), laterality), size)
+
+
 def preprocess_file(path: Path, laterality: str, size: int) -> np.ndarray:
     """Read one DICOM and preprocess it; errors name the file."""
     try:
-        ds = read_dataset(path)
-        pixels = read_pixels(ds)
-        center, width = display_window(ds)
+        return preprocess_dataset(read_dataset(path), laterality, size)
     except (OSError, DicomReadError, ValueError) as exc:
         raise PreprocessError(f"{path}: {exc}") from exc
-    return preprocess_pixels(pixels, center, width, chest_wall_on_left(ds.get("PatientOrientation"), laterality), size)
 
 
 def _preprocess_task(task: tuple[Path, str], size: int) -> np.ndarray:
