@@ -98,3 +98,14 @@ def test_sqlite_uri_keeps_artifacts_beside_the_database(project, monkeypatch, tm
         run.log_text("hello", "note.txt")
     assert (other / "artifacts").is_dir()
     assert not (project / "mlruns").exists()
+
+
+def test_pseudonym_salt_is_never_logged(project):
+    params = Params()
+    tracking.start_pipeline_run(project, params)
+    with tracking.stage_run("ingest", root=project, params=params) as run:
+        pass
+    client = tracking.get_client(project)
+    for r in client.search_runs([run.experiment_id]):
+        assert params.ingest.pseudonym_salt not in r.data.params.values()
+    assert client.get_run(run.run_id).data.params["ingest.pseudonym_salt"] == "<redacted>"

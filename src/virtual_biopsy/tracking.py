@@ -148,6 +148,15 @@ def run_context(root: str | Path = ".", params: Params | None = None) -> dict[st
 # ---------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------
+# Params whose value is a secret of the site: logged as redacted so the run still shows they were set.
+SECRET_PARAM_WORDS = ("salt", "password", "secret", "token")
+
+
+def loggable_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Params safe to log: values of secret-looking keys (the pseudonym salt) are redacted."""
+    return {k: ("<redacted>" if any(w in k.lower() for w in SECRET_PARAM_WORDS) else v) for k, v in flat.items()}
+
+
 def _clean_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in (tags or {}).items() if v is not None}
 
@@ -261,7 +270,7 @@ def start_pipeline_run(root: str | Path = ".", params: Params | None = None) -> 
         run_name=f"pipeline-{context[PIPELINE_KEY_TAG][:8]}",
     )
     if params is not None:
-        StageRun(client, run.info.run_id, exp_id, Path(root), context).log_params(flatten(params))
+        StageRun(client, run.info.run_id, exp_id, Path(root), context).log_params(loggable_params(flatten(params)))
     return run.info.run_id
 
 
@@ -287,7 +296,7 @@ def stage_run(stage: str, *, root: str | Path = ".", params: Params | None = Non
     parent_id = pipeline_parent_run(client, exp_id, context)
     with _run(client, exp_id, root, context, run_name or stage, parent_id, {"stage": stage, **_clean_tags(tags)}) as run:
         if params is not None and hasattr(params, stage):
-            run.log_params(flatten(getattr(params, stage), f"{stage}."))
+            run.log_params(loggable_params(flatten(getattr(params, stage), f"{stage}.")))
         yield run
 
 
