@@ -6,6 +6,7 @@ through the server's proxy.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -176,3 +177,76 @@ def test_login_is_required_when_auth_is_on(team_stack, tmp_path):  # noqa: F811
         assert ok.status_code == 200, ok.text
     finally:
         server.stop()
+
+
+TINY_DVC_YAML = """\
+stages:
+  train:
+    cmd: python train.py
+    deps: [train.py, data/raw]
+    params: [train.lr]
+    metrics: [{metrics.json: {cache: false}}]
+  gate:
+    cmd: python gate.py
+    deps: [gate.py, metrics.json]
+    outs: [gate.json]
+"""
+TINY_TRAIN = """\
+import json, yaml
+lr = yaml.safe_load(open("params.yaml"))["train"]["lr"]
+n = len(open("data/raw/values.txt").read().split())
+json.dump({"auc": round(0.5 + lr, 3), "n": n}, open("metrics.json", "w"))
+"""
+TINY_GATE = """\
+import json
+json.dump({"champion": json.load(open("metrics.json"))["auc"] >= 0.55}, open("gate.json", "w"))
+"""
+
+
+def test_retrain_script_pulls_reproduces_diffs_and_pushes(team_stack, tmp_path):  # noqa: F811
+    repo = tmp_path / "project"
+    (repo / "data" / "raw").mkdir(parents=True)
+    (repo / "data" / "raw" / "values.txt").write_text("1 2 3 4\n")
+    (repo / "params.yaml").write_text("train:\n  lr: 0.1\n")
+    (repo / "dvc.yaml").write_text(TINY_DVC_YAML)
+    (repo / "train.py").write_text(TINY_TRAIN)
+    (repo / "gate.py").write_text(TINY_GATE)
+    bucket = team_stack.s3.create_bucket(f"retrain-{uuid.uuid4().hex[:8]}")
+    env = {**os.environ, **team_stack.s3.env(), "VBIOPSY_DVC_S3_ENDPOINT": team_stack.s3.endpoint,
+           "DVC_NO_ANALYTICS": "1", "DVC": str(VENV_BIN / "dvc"),
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
+    env.pop("GITHUB_STEP_SUMMARY", None)
+    _git(repo, "init", "-q", "-b", "main")
+    _dvc(repo, env, "init", "-q")
+    remote_env = {**env, "VBIOPSY_DVC_REMOTE_URL": f"s3://{bucket}/store"}
+    subprocess.run(["bash", str(REPO / "scripts" / "dvc_s3_remote.sh")], cwd=repo, env=remote_env, check=True,
+                   capture_output=True)
+    _dvc(repo, env, "add", "data/raw")
+    _dvc(repo, env, "repro")
+    _dvc(repo, env, "push", "data/raw.dvc")  # the remote holds the raw data, not the pipeline outputs
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "baseline")
+
+    # A change on a branch, as in a pull request, on a fresh runner: no cache, no data.
+    _git(repo, "checkout", "-q", "-b", "better-lr")
+    (repo / "params.yaml").write_text("train:\n  lr: 0.2\n")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    shutil.rmtree(repo / "data" / "raw")
+    retrain_env = {**remote_env, "RETRAIN_REQUIRE_REMOTE": "1"}
+    result = subprocess.run(["bash", str(REPO / "scripts" / "retrain.sh")], cwd=repo, env=retrain_env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (repo / "data" / "raw" / "values.txt").read_text() == "1 2 3 4\n"
+    assert json.loads((repo / "gate.json").read_text()) == {"champion": True}
+    summary = (repo / "reports" / "retrain" / "summary.md").read_text()
+    assert "against `main`" in summary
+    assert "train.lr" in summary and "0.1" in summary and "0.2" in summary
+    assert "auc" in summary and "0.6" in summary and "0.7" in summary
+    assert "failed" not in summary, summary
+    # the gate's output was pushed by the script: pull it into a fresh cache
+    shutil.rmtree(repo / ".dvc" / "cache")
+    (repo / "gate.json").unlink()
+    _dvc(repo, env, "pull", "gate")
+    assert json.loads((repo / "gate.json").read_text()) == {"champion": True}
