@@ -21,3 +21,105 @@ def tiny_raw(tmp_path_factory) -> Path:
     raw = tmp_path_factory.mktemp("tiny") / "raw"
     synthesize(raw, SynthConfig(patients=16, image_height=96), seed=7)
     return raw
+
+
+@pytest.fixture(scope="session")
+def generator_project(tmp_path_factory) -> Path:
+    """A project root after synth (24 patients), ingest, preprocess (32 px), split (2 folds) and
+    train_generator --view CC (tiny CycleGAN, 2 epochs, MLflow in the root's embedded store)."""
+    from virtual_biopsy.config import SynthConfig
+    from virtual_biopsy.data.synthetic import synthesize
+    from virtual_biopsy.stages import ingest, preprocess, split, train_generator
+
+    root = tmp_path_factory.mktemp("generator_project")
+    synthesize(root / "data" / "raw", SynthConfig(patients=24, image_height=96), seed=7)
+    (root / "params.yaml").write_text(
+        "seed: 3\npreprocess: {image_size: 32, workers: 1}\nsplit: {folds: 2}\n"
+        "generator: {views: [CC], ngf: 4, ndf: 4, n_residual_blocks: 1, epochs: 2, warmup_epochs: 1,\n"
+        "            patience: 1, batch_size: 8, sample_every: 1}\n"
+    )
+    for stage in (ingest, preprocess, split):
+        assert stage.main(["--root", str(root), "--no-mlflow"]) == 0, stage.__name__
+    assert train_generator.main(["--view", "CC", "--root", str(root)]) == 0
+    return root
+
+
+# --- fused pipeline projects (gate, pipeline, predict, serving tests) ------------------------------
+FUSED_SIZE = 32  # tiny: untrained resnet18 and a 4-filter generator run in milliseconds at 32 px
+
+
+def _write_fused_project(root: Path) -> Path:
+    """A project folder holding what the gate stage reads, as the stages write it, with tiny
+    untrained networks and passing reports (predictions carry signal so validation MCCs are > 0)."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from virtual_biopsy.config import GeneratorConfig
+    from virtual_biopsy.evaluation.predictions import PREDICTION_COLUMNS
+    from virtual_biopsy.models import ResnetGenerator, build_classifier
+    from virtual_biopsy.stages.train_classifier import fold_weights_path, save_classifier_weights
+    from virtual_biopsy.stages.train_generator import save_generator_weights, serving_weights_path
+    from virtual_biopsy.paths import ProjectPaths
+
+    paths = ProjectPaths(root)
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    params["preprocess"]["image_size"] = FUSED_SIZE
+    (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    tiny = GeneratorConfig(ngf=4, n_residual_blocks=1)
+    for i, view in enumerate(("CC", "MLO")):
+        generator = ResnetGenerator(channels=1, ngf=tiny.ngf, n_residual_blocks=tiny.n_residual_blocks)
+        save_generator_weights(serving_weights_path(paths, view), generator.state_dict(), tiny, view=view, fold=0,
+                               image_size=FUSED_SIZE, policy="best_fold")
+        (paths.reports / "generator").mkdir(parents=True, exist_ok=True)
+        (paths.reports / "generator" / f"{view}.json").write_text(json.dumps({"mean": {"ssim": 0.6, "psnr": 22.0}}))
+    rng = np.random.default_rng(3)
+    rows = []
+    for fold in (0, 1):
+        for m, modality in enumerate(("FFDM", "CESM")):
+            for v, view in enumerate(("CC", "MLO")):
+                model = build_classifier("resnet18", seed=fold * 10 + m * 2 + v)
+                save_classifier_weights(fold_weights_path(paths, "resnet18", modality, view, fold), model.state_dict(),
+                                        arch="resnet18", modality=modality, view=view, fold=fold)
+                for subset in ("val", "test"):
+                    for lesion in range(8):
+                        label = int(lesion % 3 != 0)
+                        for source in (("real", "synthetic") if modality == "CESM" else ("real",)):
+                            p = float(np.clip(0.5 + (label - 0.5) * rng.uniform(0.1, 0.6) + rng.normal(0, 0.1), 0, 1))
+                            rows.append({"arch": "resnet18", "modality": modality, "view": view, "fold": fold,
+                                         "subset": subset, "lesion_id": f"P{fold}{subset}{lesion}|S|L",
+                                         "patient_id": f"P{fold}{subset}{lesion}", "acr": "b", "label": label,
+                                         "source": source, "image_id": f"{fold}.{subset}.{lesion}.{m}{v}.{source}",
+                                         "p_malignant": p})
+    frame = pd.DataFrame(rows, columns=list(PREDICTION_COLUMNS))
+    for (modality, view), group in frame.groupby(["modality", "view"]):
+        out = paths.predictions_dir / "resnet18" / f"{modality}_{view}.csv"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        group.to_csv(out, index=False)
+    metrics = {"resnet18": {s: {"auc": auc, "gmean": 0.6, "mcc": 0.3} for s, auc in
+                            (("F", 0.70), ("C", 0.8), ("Ĉ", 0.72), ("F+C", 0.8), ("F+Ĉ", 0.71))}}
+    (paths.reports / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False))
+    (paths.reports / "validation").mkdir(parents=True, exist_ok=True)
+    (paths.reports / "validation" / "metrics.json").write_text(json.dumps({"evaluated": 10, "passed": 10,
+                                                                            "critical_failed": 0, "warning_failed": 0}))
+    (paths.reports / "split").mkdir(parents=True, exist_ok=True)
+    (paths.reports / "split" / "summary.json").write_text(json.dumps({"leakage": 0, "folds": 2}))
+    return root
+
+
+@pytest.fixture
+def fused_project(tmp_path) -> Path:
+    """A fresh project with everything the gate reads (no MLflow store yet)."""
+    return _write_fused_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def gated_project(tmp_path_factory) -> Path:
+    """A project whose gate has run once: virtual-biopsy-resnet18 v1 is @champion. Read only."""
+    from virtual_biopsy.stages.gate import main
+
+    root = _write_fused_project(tmp_path_factory.mktemp("gated") / "project")
+    assert main(["--root", str(root)]) == 0
+    return root
