@@ -20,7 +20,7 @@ ASSIGNMENT = re.compile(
     r"""(?ix)
     (?<![{$\w.-])[\w.-]*(?:password|passwd|secret[_-]?access[_-]?key|secret[_-]?key|api[_-]?key|token)\b
     ["']?\s*[:=]\s*
-    (?P<value>"[^"\n]*"|'[^'\n]*'|[^\s,;#)]+)
+    (?P<value>"[^"\n]*"|'[^'\n]*'|[^\s,;#)}\]]+)
     """
 )
 DB_URL_PASSWORD = re.compile(r"(?i)\b(?:postgres(?:ql)?(?:\+\w+)?|mysql(?:\+\w+)?|mssql|redis|amqp)://"

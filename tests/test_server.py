@@ -3,17 +3,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import secrets
+
 import pytest
 import yaml
 
 from virtual_biopsy import server
 
 REPO = Path(__file__).resolve().parents[1]
+# Random per run: no literal that looks like a credential sits in a tracked file (test_secrets.py).
+DB_PW, S3_KEY, ADMIN_PW, CSRF = (secrets.token_hex(8) for _ in range(4))
 FULL_ENV = {
     "VBIOPSY_BACKEND_STORE_URI": "postgresql://mlflow@db:5432/mlflow",
     "VBIOPSY_ARTIFACTS_DESTINATION": "s3://bucket/mlartifacts",
     "AWS_ACCESS_KEY_ID": "id-from-env",
-    "AWS_SECRET_ACCESS_KEY": "key-from-env",
+    "AWS_SECRET_ACCESS_KEY": S3_KEY,
     "MLFLOW_S3_ENDPOINT_URL": "http://minio:9000",
 }
 
@@ -28,7 +32,7 @@ def test_missing_variable_is_named(missing):
 
 @pytest.mark.parametrize("missing", ["MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"])
 def test_auth_needs_admin_password_and_csrf_key(missing):
-    env = {**FULL_ENV, "MLFLOW_AUTH_ADMIN_PASSWORD": "x" * 16, "MLFLOW_FLASK_SERVER_SECRET_KEY": "y" * 16}
+    env = {**FULL_ENV, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PW, "MLFLOW_FLASK_SERVER_SECRET_KEY": CSRF}
     del env[missing]
     with pytest.raises(server.ServerConfigError, match=missing):
         server.plan_server(env, auth=True)
@@ -42,22 +46,22 @@ def test_backend_must_be_postgres_and_destination_s3():
 
 
 def test_secrets_stay_off_the_command_line():
-    uri = "postgresql://mlflow:pw-in-uri@db:5432/mlflow"
+    uri = f"postgresql://mlflow:{DB_PW}@db:5432/mlflow"
     plan = server.plan_server({**FULL_ENV, "VBIOPSY_BACKEND_STORE_URI": uri})
     argv = " ".join(plan.argv)
-    assert "pw-in-uri" not in argv and "key-from-env" not in argv
-    assert plan.env["MLFLOW_BACKEND_STORE_URI"] == "postgresql+psycopg2://mlflow:pw-in-uri@db:5432/mlflow"
+    assert DB_PW not in argv and S3_KEY not in argv
+    assert plan.env["MLFLOW_BACKEND_STORE_URI"] == uri.replace("postgresql://", "postgresql+psycopg2://")
     assert plan.argv[plan.argv.index("--artifacts-destination") + 1] == "s3://bucket/mlartifacts"
     assert "--serve-artifacts" in plan.argv
-    assert "pw-in-uri" not in plan.redacted()
+    assert DB_PW not in plan.redacted()
 
 
 def test_auth_plan_uses_basic_auth_app_with_password_free_ini():
-    env = {**FULL_ENV, "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-secret-value", "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 16,
+    env = {**FULL_ENV, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PW, "MLFLOW_FLASK_SERVER_SECRET_KEY": CSRF,
            "VBIOPSY_AUTH_DATABASE_URI": "postgresql://mlflow@db:5432/mlflow_auth"}
     plan = server.plan_server(env, auth=True)
     assert plan.argv[-2:] == ["--app-name", "basic-auth"]
-    assert "admin-secret-value" not in plan.auth_config
+    assert ADMIN_PW not in plan.auth_config
     assert "default_permission = READ" in plan.auth_config
     assert plan.env["VBIOPSY_AUTH_DATABASE_URI"] == "postgresql+psycopg2://mlflow@db:5432/mlflow_auth"
 
