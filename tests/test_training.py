@@ -114,7 +114,7 @@ def test_augmentation_draws_depend_only_on_seed_epoch_and_item(images):
 def test_paired_dataset_yields_single_channel_le_and_des(images):
     le, des = paired(images, [0, 1])[1]
     assert le.shape == des.shape == (1, SIZE, SIZE)
-    assert torch.equal(des[0], torch.from_numpy(np.asarray(images[9])))
+    assert torch.equal(des[0], torch.from_numpy(np.array(images[9])))
 
 
 def test_dataset_rejects_rows_outside_the_array(images):

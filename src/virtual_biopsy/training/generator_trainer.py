@@ -188,7 +188,6 @@ def train_cyclegan(
             stopper.load_state_dict(record["early_stopping"])
             history, start_epoch, finished = record["history"], record["epoch"] + 1, record["finished"]
             restore_rng_state(record["rng"])
-        epoch = start_epoch - 1
         for epoch in range(start_epoch, 0 if finished else cfg.epochs):
             train_metrics = _train_epoch(nets, loss, opt_g, opt_d, train_ds, cfg, seed, epoch, device, num_workers)
             val_l1 = paired_validation_loss(nets["generator_ab"], val_ds, cfg.batch_size, device)
