@@ -65,6 +65,7 @@ def _write_fused_project(root: Path) -> Path:
     from virtual_biopsy.paths import ProjectPaths
 
     paths = ProjectPaths(root)
+    root.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     params["preprocess"]["image_size"] = FUSED_SIZE
     (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
@@ -109,10 +110,25 @@ def _write_fused_project(root: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def _fused_template(tmp_path_factory) -> Path:
+    return _write_fused_project(tmp_path_factory.mktemp("fused") / "template")
+
+
 @pytest.fixture
-def fused_project(tmp_path) -> Path:
-    """A fresh project with everything the gate reads (no MLflow store yet)."""
-    return _write_fused_project(tmp_path / "project")
+def fused_project(_fused_template, tmp_path) -> Path:
+    """A fresh project with everything the gate reads (no MLflow store yet); edit it freely.
+
+    Weight files are hard links to a session template (tests never rewrite them; writing
+    ~360 MB of untrained ResNet18 weights per test would dominate the run time), the rest copies.
+    """
+    import os
+    import shutil
+
+    def link_models(src: str, dst: str) -> None:
+        (os.link if f"{os.sep}models{os.sep}" in src else shutil.copy2)(src, dst)
+
+    return Path(shutil.copytree(_fused_template, tmp_path / "project", copy_function=link_models))
 
 
 @pytest.fixture(scope="session")

@@ -223,3 +223,78 @@ def load_model(uri: str, root: str | Path = ".") -> Any:
     # load_model resolves models:/ URIs against the global registry; point it at the project's.
     with _fluent_store(root):
         return mlflow.pytorch.load_model(uri, map_location="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused pipeline (pyfunc), promotion and rollback
+# ---------------------------------------------------------------------------------------------
+PREVIOUS_CHAMPION_TAG = "previous_champion"
+DECISION_TAG = "gate.decision"
+REASONS_TAG = "gate.reasons"
+
+
+def log_and_register_pyfunc(run: tracking.StageRun, python_model: Any, name: str, registered_name: str, *,
+                            artifacts: Mapping[str, str], signature: Any, input_example: Any,
+                            code_paths: list[str], pip_requirements: list[str],
+                            tags: Mapping[str, Any] | None = None, description: str | None = None) -> str:
+    """Log a pyfunc model in ``run`` and register it as a new version of ``registered_name``.
+
+    ``code_paths`` ships the package with the model, so a fresh process (``mlflow models serve``)
+    imports the code the model was logged with, not whatever is installed. Returns the version.
+    """
+    mlflow = _mlflow()
+    clean_tags = {str(k): str(v) for k, v in (tags or {}).items() if v is not None}
+    with _fluent_run(run):
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=python_model, artifacts=dict(artifacts), signature=signature,
+            input_example=input_example, code_paths=code_paths, pip_requirements=pip_requirements,
+            tags=clean_tags,
+        )
+        client = _client(run.root)
+        _ensure_registered_model(client, registered_name)
+        version = client.create_model_version(registered_name, source=f"models:/{info.model_id}",
+                                              run_id=run.run_id, model_id=info.model_id, tags=clean_tags,
+                                              description=description)
+    return str(version.version)
+
+
+def aliases(name: str, root: str | Path = ".") -> dict[str, str]:
+    """alias -> version of a registered model ({} when the model does not exist)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return {str(k): str(v) for k, v in _client(root).get_registered_model(name).aliases.items()}
+    except MlflowException:
+        return {}
+
+
+def promote(name: str, version: str | int, root: str | Path = ".", tags: Mapping[str, Any] | None = None) -> str | None:
+    """Move ``champion`` to ``version``; record the champion it replaces. Returns that previous one.
+
+    The previous champion is written on the new version as ``previous_champion`` so that
+    :func:`rollback` can walk back one decision at a time. Promoting the current champion again
+    changes nothing but the tags.
+    """
+    previous = get_alias(name, CHAMPION, root)
+    record = dict(tags or {})
+    if previous is not None and previous != str(version):
+        record[PREVIOUS_CHAMPION_TAG] = previous
+    set_version_tags(name, version, record, root)
+    set_alias(name, CHAMPION, version, root)
+    return previous
+
+
+def rollback(name: str, root: str | Path = ".", tags: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """Move ``champion`` back to the champion it replaced; returns (from version, to version).
+
+    Raises ValueError when there is no champion or it has no recorded predecessor.
+    """
+    current = get_alias(name, CHAMPION, root)
+    if current is None:
+        raise ValueError(f"{name}: no champion to roll back")
+    previous = get_version_tags(name, current, root).get(PREVIOUS_CHAMPION_TAG)
+    if not previous:
+        raise ValueError(f"{name}: champion v{current} has no previous champion recorded; nothing to roll back to")
+    set_version_tags(name, current, {"rolled_back": "true", **(tags or {})}, root)
+    set_alias(name, CHAMPION, previous, root)
+    return current, previous

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -174,7 +175,8 @@ class StageRun:
     # -- logging -----------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
         mlflow = _mlflow()
-        items = [mlflow.entities.Param(str(k), str(v)[:6000]) for k, v in params.items()]
+        # MLflow keys allow word characters and ``-. :/`` only; settings like ``F+C`` (gate floors) carry a ``+``.
+        items = [mlflow.entities.Param(re.sub(r"[^\w\-. :/]", "_", str(k)), str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # the REST API takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 

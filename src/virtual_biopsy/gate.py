@@ -1,0 +1,172 @@
+"""The promotion gate: pure checks on a candidate fused pipeline and the decision they make.
+
+No files and no MLflow here: the stage (``stages/gate.py``) reads the reports and the registry and
+passes plain dicts in; every check returns a :class:`Check` holding its value, threshold and
+verdict, so the same record goes to reports/gate.json, the model version's tags and the run.
+
+Checks (each must pass for ``champion`` to move)
+    data_quality        no critical data-quality expectation failed (reports/validation/metrics.json)
+    split_leakage       no patient in two subsets of a fold (reports/split/summary.json)
+    floor.<S>.<metric>  mean test metric of setting S >= params ``gate.floors[S][metric]``
+    imputation          AUC(F+Ĉ) >= AUC(F) - ``gate.imputation_tolerance``: imputed CESM must not
+                        make the fused pipeline worse than FFDM alone
+    generator.<V>.<m>   mean test SSIM / PSNR of the view's generator >= ``gate.generator_floors``
+    champion.<S>.auc    AUC of S >= champion's AUC - ``gate.champion_tolerance``, only when the
+                        champion was evaluated on the same data version (otherwise the numbers are
+                        not comparable and the check records that it was skipped, passing)
+A missing or undefined (null) metric fails its check: a candidate is promoted on evidence only.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from virtual_biopsy.config import GateConfig
+
+PROMOTED = "promoted"
+REJECTED = "rejected"
+COMPARED_SETTINGS = ("F+C", "F+Ĉ")  # the outputs the pipeline serves: with real and with imputed CESM
+
+
+def gate_tag(name: str) -> str:
+    """Key of a gate record on a model version (``gate.decision``, ``gate.reasons``, ``gate.check.*``)."""
+    return f"gate.{name}"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One gate check: what was measured, against what, and whether it passed."""
+
+    name: str
+    value: Any
+    threshold: Any
+    passed: bool
+    detail: str
+
+    def verdict(self) -> str:
+        return "pass" if self.passed else "fail"
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """All checks of one candidate; promoted exactly when every check passed."""
+
+    checks: tuple[Check, ...]
+
+    @property
+    def promoted(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def decision(self) -> str:
+        return PROMOTED if self.promoted else REJECTED
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why it was rejected (one line per failed check); empty when promoted."""
+        return [f"{c.name}: {c.detail}" for c in self.checks if not c.passed]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"decision": self.decision, "reasons": self.reasons,
+                "checks": [{**asdict(c), "verdict": c.verdict()} for c in self.checks]}
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for missing / null / nan."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def at_least(name: str, value: Any, threshold: float, what: str) -> Check:
+    """``value >= threshold``; a missing value fails."""
+    number = _number(value)
+    if number is None:
+        return Check(name, None, threshold, False, f"{what} is missing or undefined")
+    passed = number >= threshold
+    return Check(name, number, threshold, passed, f"{what} {number:.4g} {'>=' if passed else '<'} {threshold:.4g}")
+
+
+def check_data_quality(validation_metrics: Mapping[str, Any], data_version: str) -> Check:
+    """No critical expectation failed on the data version the candidate was trained on."""
+    failed = _number(validation_metrics.get("critical_failed"))
+    if failed is None:
+        return Check("data_quality", None, 0, False, "reports/validation/metrics.json has no critical_failed count")
+    passed = failed == 0
+    return Check("data_quality", int(failed), 0, passed,
+                 f"{int(failed)} critical data-quality expectation(s) failed on data version {data_version}")
+
+
+def check_split_leakage(split_summary: Mapping[str, Any]) -> Check:
+    """No patient shared between the subsets of a fold."""
+    leakage = _number(split_summary.get("leakage"))
+    if leakage is None:
+        return Check("split_leakage", None, 0, False, "reports/split/summary.json has no leakage count")
+    return Check("split_leakage", int(leakage), 0, leakage == 0, f"{int(leakage)} leaking patient(s) across subsets")
+
+
+def check_floors(metrics: Mapping[str, Mapping[str, Any]], floors: Mapping[str, Mapping[str, float]]) -> list[Check]:
+    """Mean test metric per setting >= its floor (``metrics`` is reports/metrics.json for one arch)."""
+    return [at_least(f"floor.{setting}.{name}", (metrics.get(setting) or {}).get(name), float(floor),
+                     f"{setting} test {name}")
+            for setting, per_metric in floors.items() for name, floor in per_metric.items()]
+
+
+def check_imputation(metrics: Mapping[str, Mapping[str, Any]], tolerance: float) -> Check:
+    """AUC of F+Ĉ (imputed CESM) not below AUC of F (FFDM alone) by more than ``tolerance``."""
+    f_auc = _number((metrics.get("F") or {}).get("auc"))
+    if f_auc is None:
+        return Check("imputation", None, None, False, "F test auc is missing or undefined")
+    return at_least("imputation", (metrics.get("F+Ĉ") or {}).get("auc"), f_auc - tolerance,
+                    f"F+Ĉ test auc (F {f_auc:.4g} - tolerance {tolerance:g})")
+
+
+def check_generators(generator_means: Mapping[str, Mapping[str, Any]], floors: Mapping[str, float]) -> list[Check]:
+    """Each view's generator: mean test SSIM / PSNR (reports/generator/<VIEW>.json ``mean``) >= floors."""
+    return [at_least(f"generator.{view}.{name}", (means or {}).get(name), float(floor), f"{view} generator test {name}")
+            for view, means in generator_means.items() for name, floor in floors.items()]
+
+
+def check_against_champion(metrics: Mapping[str, Mapping[str, Any]], data_version: str,
+                           champion: Mapping[str, Any] | None, tolerance: float) -> list[Check]:
+    """Candidate AUC per served setting vs the champion's, when both saw the same data version.
+
+    ``champion``: None when there is none, else ``{"version", "data_version", "auc": {setting: value}}``.
+    """
+    if champion is None:
+        return [Check("champion", None, None, True, "no champion yet: nothing to compare with")]
+    if champion.get("data_version") != data_version:
+        return [Check("champion", champion.get("version"), None, True,
+                      f"champion v{champion.get('version')} was evaluated on data version "
+                      f"{champion.get('data_version')}, the candidate on {data_version}: not comparable, skipped")]
+    checks = []
+    for setting in COMPARED_SETTINGS:
+        reference = _number((champion.get("auc") or {}).get(setting))
+        if reference is None:
+            checks.append(Check(f"champion.{setting}.auc", None, None, True,
+                                f"champion v{champion.get('version')} has no {setting} auc: skipped"))
+            continue
+        checks.append(at_least(f"champion.{setting}.auc", (metrics.get(setting) or {}).get("auc"),
+                               reference - tolerance,
+                               f"{setting} test auc (champion v{champion.get('version')} {reference:.4g} "
+                               f"- tolerance {tolerance:g})"))
+    return checks
+
+
+def evaluate_candidate(cfg: GateConfig, *, metrics: Mapping[str, Mapping[str, Any]], data_version: str,
+                       validation_metrics: Mapping[str, Any], split_summary: Mapping[str, Any],
+                       generator_means: Mapping[str, Mapping[str, Any]],
+                       champion: Mapping[str, Any] | None) -> GateDecision:
+    """Every check of the module docstring, in a fixed order."""
+    return GateDecision((
+        check_data_quality(validation_metrics, data_version),
+        check_split_leakage(split_summary),
+        *check_floors(metrics, cfg.floors),
+        check_imputation(metrics, cfg.imputation_tolerance),
+        *check_generators(generator_means, cfg.generator_floors),
+        *check_against_champion(metrics, data_version, champion, cfg.champion_tolerance),
+    ))

@@ -1,0 +1,118 @@
+"""The gate: promotes a candidate that passes every check, refuses one for each failing check
+(with the reason recorded), and rollback restores the previous champion."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from virtual_biopsy import gate, registry
+from virtual_biopsy.config import load_params
+from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.stages import gate as gate_stage
+
+NAME = "virtual-biopsy-resnet18"
+
+
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data, ensure_ascii=False))
+
+
+def _decide(root: Path, champion=None) -> gate.GateDecision:
+    return gate_stage.decide(ProjectPaths(root), load_params(root / "params.yaml"), "resnet18", champion)
+
+
+def test_every_check_passes_on_good_reports(fused_project):
+    decision = _decide(fused_project)
+    assert decision.promoted, decision.reasons
+    names = {c.name for c in decision.checks}
+    assert {"data_quality", "split_leakage", "imputation", "floor.F+Ĉ.auc", "generator.CC.ssim",
+            "generator.MLO.psnr", "champion"} <= names
+
+
+FAILURES = {
+    "data_quality": ("validation/metrics.json", lambda d: d.update(critical_failed=2)),
+    "split_leakage": ("split/summary.json", lambda d: d.update(leakage=1)),
+    # F falls with F+Ĉ so that imputation (F+Ĉ vs F) still passes: only the floor fails.
+    "floor.F+Ĉ.auc": ("metrics.json", lambda d: [d["resnet18"][s].update(auc=0.50) for s in ("F", "F+Ĉ")]),
+    "floor.F+C.mcc": ("metrics.json", lambda d: d["resnet18"]["F+C"].update(mcc=None)),
+    "imputation": ("metrics.json", lambda d: d["resnet18"]["F"].update(auc=0.78)),
+    "generator.MLO.ssim": ("generator/MLO.json", lambda d: d["mean"].update(ssim=0.1)),
+    "generator.CC.psnr": ("generator/CC.json", lambda d: d["mean"].update(psnr=9.0)),
+}
+
+
+@pytest.mark.parametrize("check", sorted(FAILURES))
+def test_gate_refuses_a_candidate_failing_one_check(fused_project, check):
+    report, change = FAILURES[check]
+    _edit_json(fused_project / "reports" / report, change)
+    decision = _decide(fused_project)
+    assert not decision.promoted
+    assert [c.name for c in decision.checks if not c.passed] == [check]
+    assert decision.reasons[0].startswith(f"{check}: ")
+
+
+def test_gate_refuses_when_params_raise_a_floor(fused_project):
+    params = yaml.safe_load((fused_project / "params.yaml").read_text())
+    params["gate"]["floors"]["F+C"]["auc"] = 0.95
+    (fused_project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    assert [c.name for c in _decide(fused_project).checks if not c.passed] == ["floor.F+C.auc"]
+
+
+def test_gate_compares_with_champion_only_on_the_same_data_version(fused_project):
+    better = {"version": "1", "data_version": "untracked", "auc": {"F+C": 0.9, "F+Ĉ": 0.71}}
+    failed = [c.name for c in _decide(fused_project, better).checks if not c.passed]
+    assert failed == ["champion.F+C.auc"]
+    other_data = {**better, "data_version": "abc123"}
+    skipped = [c for c in _decide(fused_project, other_data).checks if c.name == "champion"]
+    assert skipped[0].passed and "not comparable" in skipped[0].detail
+
+
+def test_gate_stage_promotes_then_records_a_rejection_and_rollback_restores(fused_project, capsys):
+    root = str(fused_project)
+    assert gate_stage.main(["--root", root]) == 0
+    assert registry.aliases(NAME, root) == {"champion": "1", "challenger": "1"}
+    tags = registry.get_version_tags(NAME, "1", root)
+    assert tags["gate.decision"] == "promoted"
+    assert tags["gate.check.floor.F_Chat.auc"].startswith("pass")
+    report = json.loads((fused_project / "reports" / "gate.json").read_text())
+    assert report["resnet18"]["decision"] == "promoted"
+    assert all(c["verdict"] == "pass" for c in report["resnet18"]["checks"])
+
+    # A second, equally good candidate replaces it and remembers its predecessor.
+    assert gate_stage.main(["--root", root]) == 0
+    assert registry.aliases(NAME, root) == {"champion": "2", "challenger": "2"}
+    assert registry.get_version_tags(NAME, "2", root)["previous_champion"] == "1"
+
+    # A leaking split: registered as challenger, refused as champion, exit 0, reason recorded.
+    _edit_json(fused_project / "reports" / "split" / "summary.json", lambda d: d.update(leakage=3))
+    assert gate_stage.main(["--root", root]) == 0
+    assert "rejected" in capsys.readouterr().out
+    assert registry.aliases(NAME, root) == {"champion": "2", "challenger": "3"}
+    rejected = registry.get_version_tags(NAME, "3", root)
+    assert rejected["gate.decision"] == "rejected"
+    assert "split_leakage: 3 leaking patient(s)" in rejected["gate.reasons"]
+    entry = json.loads((fused_project / "reports" / "gate.json").read_text())["resnet18"]
+    assert entry["decision"] == "rejected" and entry["champion"] == "2"
+
+    from virtual_biopsy.cli import main as vbiopsy
+
+    # Manual promotion runs the same checks: refused while the split leaks ...
+    assert vbiopsy(["registry", "promote", "3", "--root", root]) == 1
+    assert registry.get_alias(NAME, "champion", root) == "2"
+    # ... unless forced, with the reason recorded.
+    assert vbiopsy(["registry", "promote", "3", "--root", root, "--force", "--reason", "leak is a known dup"]) == 0
+    forced = registry.get_version_tags(NAME, "3", root)
+    assert forced["gate.forced"] == "true" and forced["gate.force_reason"] == "leak is a known dup"
+
+    assert vbiopsy(["registry", "rollback", "--root", root]) == 0
+    assert registry.get_alias(NAME, "champion", root) == "2"
+    assert vbiopsy(["registry", "rollback", "--root", root]) == 0
+    assert registry.get_alias(NAME, "champion", root) == "1"
+    assert vbiopsy(["registry", "status", "--root", root]) == 0
+    status = capsys.readouterr().out
+    assert "@champion   v1  gate: promoted" in status and "@challenger v3  gate: rejected" in status
