@@ -313,7 +313,7 @@ def generate(
     generator.eval()
     out = np.empty(images.shape, dtype=np.float32)
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32))[:, None]
+        batch = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32))[:, None]
         with autocast_for(device):
             fake = generator(to_device(batch, device))
         out[start : start + batch_size] = fake.float().clamp(0.0, 1.0)[:, 0].cpu().numpy()
