@@ -18,6 +18,8 @@ COMMANDS = {
     "impute": "virtual_biopsy.stages.impute",
     "profile": "virtual_biopsy.profiles",
     "server": "virtual_biopsy.server",
+    "registry": "virtual_biopsy.registry_cli",
+    "predict": "virtual_biopsy.predict",
 }
 
 
