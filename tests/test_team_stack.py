@@ -161,7 +161,6 @@ def test_dvc_push_pull_round_trip_through_s3_remote(team_stack, tmp_path):  # no
 
 
 def test_login_is_required_when_auth_is_on(team_stack, tmp_path):  # noqa: F811
-    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs Flask-WTF (mlflow[auth])")
     from stack import MlflowServer
 
     password = uuid.uuid4().hex + "Aa1!"
