@@ -252,3 +252,14 @@ def test_ffdm_stage_resumed_after_an_interruption_writes_the_same_predictions(ti
     found = read_predictions_file(predictions_path(resumed, ARCH, "FFDM", "MLO"), ARCH, "FFDM", "MLO")
     assert set(found["source"]) == {"real"}
     pd.testing.assert_frame_equal(found, expected, check_exact=False, atol=1e-6)
+
+
+def test_checkpoint_of_other_input_images_is_discarded_and_one_of_the_same_kept(tmp_path):
+    ckpt = tmp_path / "fold0"
+    stage.discard_stale_checkpoint(ckpt, "pixels-a")
+    (ckpt / "last.pt").write_bytes(b"checkpoint of pixels-a")
+    stage.discard_stale_checkpoint(ckpt, "pixels-a")
+    assert (ckpt / "last.pt").exists()
+    stage.discard_stale_checkpoint(ckpt, "pixels-b")  # e.g. preprocess.image_size changed
+    assert not (ckpt / "last.pt").exists()
+    assert (ckpt / stage.INPUTS_KEY_FILE).read_text().strip() == "pixels-b"

@@ -30,6 +30,7 @@ losses and validation AUC/MCC, best epoch, final val/test metrics, the weights f
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import sys
 from collections.abc import Callable
@@ -43,7 +44,7 @@ import pandas as pd
 import torch
 
 from virtual_biopsy import metrics
-from virtual_biopsy.atomic import atomic_path, write_csv, write_json
+from virtual_biopsy.atomic import atomic_path, write_csv, write_json, write_text
 from virtual_biopsy.config import (
     ARCHITECTURES,
     MODALITIES,
@@ -71,6 +72,7 @@ BIOPSY_LABELS = {"malignant": 1, "benign": 0}
 VIRTUAL_BIOPSY_PHASE = "early"
 SUBSETS = ("train", "val", "test")
 SCORED_SUBSETS = ("val", "test")
+INPUTS_KEY_FILE = "inputs.sha256"  # beside last.pt: which images the checkpoint was trained on
 # Columns an image table carries through this stage (besides the array row).
 IMAGE_COLUMNS = ("image_id", "patient_id", "lesion_id", "acr", "y", "modality", "view", "source")
 
@@ -296,6 +298,29 @@ def _epoch_logger(run, images: np.ndarray, val: pd.DataFrame, batch_size: int, d
     return on_epoch_end
 
 
+def inputs_key(images: np.ndarray, train: pd.DataFrame, val: pd.DataFrame) -> str:
+    """Hash of the exact images a fold trains and early-stops on: ids and pixels.
+
+    The trainer's checkpoint fingerprint covers config, seed and data *sizes*; a change of
+    preprocessing (another image size or window) keeps the sizes and would otherwise resume,
+    or return as finished, a model trained on other pixels.
+    """
+    digest = hashlib.sha256()
+    for frame in (train, val):
+        digest.update("\n".join(frame["image_id"].astype(str)).encode())
+        digest.update(np.ascontiguousarray(images[np.sort(frame["row"].to_numpy())]).tobytes())
+    return digest.hexdigest()
+
+
+def discard_stale_checkpoint(ckpt: Path, key: str) -> None:
+    """Remove ``ckpt`` unless it was written for the inputs ``key``; then record ``key`` in it."""
+    key_file = ckpt / INPUTS_KEY_FILE
+    if ckpt.exists() and (not key_file.is_file() or key_file.read_text().strip() != key):
+        print(f"{STAGE}: discarding checkpoint {ckpt} of other input images", file=sys.stderr)
+        shutil.rmtree(ckpt)
+    write_text(key_file, key + "\n")
+
+
 def train_with_resume(model: torch.nn.Module, train_ds, val_ds, cfg: ClassifierConfig, seed: int, ckpt: Path,
                       callback, device: str) -> ClassifierTrainingResult:
     """train_classifier, resuming from ``ckpt``; a checkpoint of another configuration is discarded.
@@ -309,7 +334,8 @@ def train_with_resume(model: torch.nn.Module, train_ds, val_ds, cfg: ClassifierC
                                 device=device)
     except CheckpointError as exc:
         print(f"{STAGE}: discarding stale checkpoint ({exc})", file=sys.stderr)
-        shutil.rmtree(ckpt, ignore_errors=True)
+        for stale in ckpt.glob("*.pt"):
+            stale.unlink()
         model.load_state_dict(initial)
         return train_classifier(model, train_ds, val_ds, cfg, seed, checkpoint_dir=ckpt, on_epoch_end=callback,
                                 device=device)
@@ -351,9 +377,11 @@ def train_fold(paths: ProjectPaths, params: Params, which: Classifier, fold: int
     for frame in (*real.values(), *synthetic.values()):
         check_single_input(frame, which.modality, which.view)
     model = build_classifier(which.arch, cfg.weights_file, seed=seed)
+    ckpt = checkpoint_dir(paths, which.arch, which.modality, which.view, fold)
+    discard_stale_checkpoint(ckpt, inputs_key(images, real["train"], real["val"]))
     result = train_with_resume(
         model, labelled_dataset(images, real["train"], seed, cfg.augment), labelled_dataset(images, real["val"], seed, False),
-        cfg, seed, checkpoint_dir(paths, which.arch, which.modality, which.view, fold),
+        cfg, seed, ckpt,
         _epoch_logger(run, images, real["val"], cfg.batch_size, device, fold, epoch_callback), device,
     )
     weights = fold_weights_path(paths, which.arch, which.modality, which.view, fold)
