@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from virtual_biopsy.config import ClassifierConfig
 from virtual_biopsy.models.classifiers import MALIGNANT_CLASS
+from virtual_biopsy.training import distributed
 from virtual_biopsy.training.checkpoint import Checkpointer, restore_rng_state
 from virtual_biopsy.training.datasets import LabelledImageDataset
 from virtual_biopsy.training.early_stopping import EarlyStopping
@@ -70,8 +71,13 @@ def train_classifier(
     data sizes and architecture); a finished run is returned again without training.
     ``on_epoch_end`` follows the contract in ``training.loop`` (metrics ``train/loss``,
     ``train/accuracy``, ``val/loss``, ``val/accuracy``, ``lr``).
+
+    Under ``torchrun`` every rank trains its share of each global batch of ``cfg.batch_size``
+    with DistributedDataParallel (``training.distributed``); only rank 0 checkpoints and calls
+    ``on_epoch_end``, and the result equals the single-process run's up to float rounding.
     """
-    device = resolve_device(device)
+    context = distributed.init_from_env(device)
+    device = distributed.rank_device(resolve_device(device), context)
     prepare_module(model, device)
     weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32, device=device)
     if weight is not None and weight.shape != (2,):
@@ -94,7 +100,7 @@ def train_classifier(
     checkpointer = Checkpointer(checkpoint_dir, fingerprint)
     history: list[dict[str, float]] = []
     start_epoch, finished = 0, False
-    with seeded_torch(seed, device):
+    with seeded_torch(seed, device), distributed.data_parallel(model, device) as trained:
         record = checkpointer.load_latest()
         if record is not None:
             model.load_state_dict(record["model"])
@@ -104,7 +110,7 @@ def train_classifier(
             history, start_epoch, finished = record["history"], record["epoch"] + 1, record["finished"]
             restore_rng_state(record["rng"])
         for epoch in range(start_epoch, 0 if finished else cfg.epochs):
-            train_loss, train_accuracy = _train_epoch(model, optimiser, train_ds, cfg, seed, epoch, device, weight, num_workers)
+            train_loss, train_accuracy = _train_epoch(trained, optimiser, train_ds, cfg, seed, epoch, device, weight, num_workers)
             val_loss, val_accuracy = evaluate_loss(model, val_ds, cfg.batch_size, device, weight)
             metrics = as_metrics(
                 {
@@ -118,7 +124,7 @@ def train_classifier(
             scheduler.step(val_loss)
             history.append({"epoch": float(epoch), **metrics})
             finished = stopper.step(epoch, val_loss, model.state_dict()) or epoch == cfg.epochs - 1
-            checkpointer.save(
+            (checkpointer.save if distributed.is_main_process() else _skip)(
                 {
                     "model": state_on_cpu(model),
                     "optimiser": optimiser.state_dict(),
@@ -131,7 +137,7 @@ def train_classifier(
             )
             if on_epoch_end is not None:
                 state = EpochState(epoch, {"classifier": model}, stopper.is_best(epoch), stopper.best_epoch, stopper.best_loss, history)
-                on_epoch_end(epoch, metrics, state)
+                distributed.run_on_main(on_epoch_end, epoch, metrics, state, device=device)
             if finished:
                 break
     best_state = stopper.best_state or state_on_cpu(model)
@@ -154,10 +160,21 @@ def train_step(
     device: torch.device = torch.device("cpu"),
     weight: torch.Tensor | None = None,
 ) -> tuple[float, int]:
-    """One cross-entropy update; returns (mean loss of the batch, number of correct predictions)."""
+    """One cross-entropy update; returns (mean loss of the batch, number of correct predictions).
+
+    Under torchrun the batch is this rank's share of the global batch: the loss that is
+    back-propagated is scaled so that DDP's gradient average is the gradient of the global batch
+    mean (``distributed.global_mean_scale``); the returned loss is the mean over this rank's share.
+    """
     optimiser.zero_grad(set_to_none=True)
     with autocast_for(device):
         logits = model(images)
+    if distributed.is_distributed():
+        count = float(len(labels)) if weight is None else float(weight[labels].sum().item())
+        local_sum = F.cross_entropy(logits.float(), labels, weight=weight, reduction="sum")
+        (local_sum * distributed.global_mean_scale(count, device)).backward()
+        optimiser.step()
+        return local_sum.item() / count, int((logits.argmax(dim=1) == labels).sum().item())
     loss = F.cross_entropy(logits.float(), labels, weight=weight)
     loss.backward()
     optimiser.step()
@@ -176,15 +193,22 @@ def _train_epoch(
     num_workers: int,
 ) -> tuple[float, float]:
     model.train()
-    loader = epoch_loader(train_ds, cfg.batch_size, seed, epoch, shuffle=True, num_workers=num_workers)
+    loader = epoch_loader(train_ds, cfg.batch_size, seed, epoch, shuffle=True, num_workers=num_workers,
+                          pin_memory=device.type == "cuda", shard=True)
     loss_sum, correct, seen = 0.0, 0, 0
-    for images, labels in tqdm(loader, desc=f"classifier epoch {epoch}", leave=False, disable=None):
+    for images, labels in tqdm(loader, desc=f"classifier epoch {epoch}", leave=False,
+                               disable=None if distributed.is_main_process() else True):
         labels = labels.to(device)
         loss, batch_correct = train_step(model, optimiser, to_device(images, device), labels, device, weight)
         loss_sum += loss * len(labels)
         correct += batch_correct
         seen += len(labels)
+    loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], device)
     return loss_sum / seen, correct / seen
+
+
+def _skip(*_: object) -> None:
+    """Ranks other than 0 write nothing."""
 
 
 @torch.no_grad()
@@ -199,7 +223,8 @@ def evaluate_loss(
     device = torch.device(device)
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
-    for images, labels in epoch_loader(dataset, batch_size, seed=0, epoch=0, shuffle=False):
+    for images, labels in epoch_loader(dataset, batch_size, seed=0, epoch=0, shuffle=False,
+                                       pin_memory=device.type == "cuda", shard=True):
         labels = labels.to(device)
         with autocast_for(device):
             logits = model(to_device(images, device))
@@ -207,6 +232,7 @@ def evaluate_loss(
         loss_sum += F.cross_entropy(logits.float(), labels, weight=weight, reduction="sum").item()
         correct += int((logits.argmax(dim=1) == labels).sum().item())
         seen += len(labels)
+    loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], device)
     return loss_sum / seen, correct / seen
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from virtual_biopsy.training import distributed
 from virtual_biopsy.training.datasets import derive_seed
 
 # Seed-derivation tags keep the random streams of one run independent of each other.
@@ -51,13 +52,18 @@ class EpochCallback(Protocol):
 
 
 def epoch_loader(
-    dataset: Dataset, batch_size: int, seed: int, epoch: int, shuffle: bool, num_workers: int = 0
+    dataset: Dataset, batch_size: int, seed: int, epoch: int, shuffle: bool, num_workers: int = 0,
+    pin_memory: bool = False, shard: bool = False,
 ) -> DataLoader:
     """A DataLoader whose order and augmentation depend only on (seed, epoch).
 
     A trailing batch of a single image is dropped when shuffling: batch norm cannot train on one
     sample whose feature maps are 1x1 (ResNet at small sizes), and shuffling puts that image in
     another batch next epoch.
+
+    ``shard=True`` under torchrun (see ``training.distributed``): this rank's share of the same
+    order, ``batch_size`` being the global batch (training: its share of every global batch;
+    evaluation: a contiguous share of the items). ``pin_memory`` for fast host-to-GPU copies.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -71,7 +77,16 @@ def epoch_loader(
         order = torch.randperm(len(dataset), generator=generator).numpy()
         if len(order) % batch_size == 1 and len(order) > 1:
             order = order[:-1]
-    return DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=num_workers)
+    if shard and distributed.is_distributed():
+        rank, ranks = distributed.rank(), distributed.world_size()
+        if shuffle:
+            batches = distributed.shard_order(order, batch_size, rank, ranks)
+        else:
+            mine = order[distributed.shard_range(len(order), rank, ranks)]
+            batches = [mine[start : start + batch_size].tolist() for start in range(0, len(mine), batch_size)]
+        return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=num_workers,
+                      pin_memory=pin_memory)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
