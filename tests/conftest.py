@@ -139,3 +139,36 @@ def gated_project(tmp_path_factory) -> Path:
     root = _write_fused_project(tmp_path_factory.mktemp("gated") / "project")
     assert main(["--root", str(root)]) == 0
     return root
+
+
+# --- a processed, split project (tuning and distributed-training tests) ------------------------------
+PROCESSED_PARAMS = {
+    "seed": 11,
+    "preprocess": {"image_size": 32, "workers": 1},
+    "ingest": {"workers": 1},
+    "split": {"folds": 2, "val_share": 0.25, "test_share": 0.5},
+    "classifier": {"epochs": 2, "warmup_epochs": 1, "patience": 1, "lr_patience": 1, "batch_size": 8},
+}
+
+
+@pytest.fixture(scope="session")
+def processed_project(tmp_path_factory) -> Path:
+    """A project root after synth (16 patients, balanced classes), ingest, preprocess (32 px) and
+    split (2 folds) with tiny classifier params. Read only: copy what a test changes."""
+    import yaml
+
+    from virtual_biopsy.config import SynthConfig, load_params
+    from virtual_biopsy.data.synthetic import synthesize
+    from virtual_biopsy.paths import ProjectPaths
+    from virtual_biopsy.stages.ingest import run_ingest
+    from virtual_biopsy.stages.preprocess import run_preprocess
+    from virtual_biopsy.stages.split import run_split
+
+    root = tmp_path_factory.mktemp("processed-project")
+    synthesize(root / "data" / "raw", SynthConfig(patients=16, image_height=64, malignant_share=0.5), seed=7)
+    (root / "params.yaml").write_text(yaml.safe_dump(PROCESSED_PARAMS))
+    paths, params = ProjectPaths(root), load_params(root / "params.yaml")
+    run_ingest(paths, params)
+    run_preprocess(paths, params)
+    run_split(paths, params)
+    return root

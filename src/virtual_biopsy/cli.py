@@ -20,6 +20,7 @@ COMMANDS = {
     "server": "virtual_biopsy.server",
     "registry": "virtual_biopsy.registry_cli",
     "predict": "virtual_biopsy.predict",
+    "tune": "virtual_biopsy.tuning",
 }
 
 

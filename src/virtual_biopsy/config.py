@@ -117,6 +117,7 @@ class ClassifierConfig:
     weight_decay: float = 1e-5
     augment: bool = True
     weights_file: str | None = None
+    augment_strength: float = 1.0  # scales the affine ranges (0 = none, 1 = paper's); tuned by vbiopsy tune
 
 
 @dataclass(frozen=True)
