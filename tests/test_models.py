@@ -103,3 +103,17 @@ def test_own_weights_round_trip_exactly(tmp_path):
     reloaded = build_classifier("resnet18", path, seed=6)
     for key, value in trained.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+def test_generator_output_is_zero_outside_the_breast_and_free_inside():
+    """Pixels that are exactly 0 in the input (air, padding) stay 0; tissue pixels are generated."""
+    torch.manual_seed(0)
+    image = torch.rand(2, 1, 32, 32) * 0.9 + 0.05
+    image[:, :, :, :12] = 0.0  # background strip, as preprocessing leaves it
+    masked = ResnetGenerator(ngf=4, n_residual_blocks=1)
+    out = masked(image)
+    assert torch.all(out[:, :, :, :12] == 0)
+    assert torch.all(out[:, :, :, 12:] > 0)
+    unmasked = ResnetGenerator(ngf=4, n_residual_blocks=1, mask_background=False)
+    unmasked.load_state_dict(masked.state_dict())
+    assert torch.any(unmasked(image)[:, :, :, :12] != 0)

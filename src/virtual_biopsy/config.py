@@ -96,6 +96,7 @@ class GeneratorConfig:
     beta1: float = 0.5
     lambda_cycle: float = 10.0
     lambda_identity: float = 5.0
+    lambda_paired: float = 10.0
     augment: bool = True
     sample_every: int = 4
     serving_policy: str = "best_fold"
@@ -116,8 +117,8 @@ class ClassifierConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-5
     augment: bool = True
-    weights_file: str | None = None
     augment_strength: float = 1.0  # scales the affine ranges (0 = none, 1 = paper's); tuned by vbiopsy tune
+    weights_file: str | None = None
 
 
 @dataclass(frozen=True)

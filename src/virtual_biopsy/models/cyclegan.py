@@ -38,12 +38,20 @@ class ResnetGenerator(nn.Module):
 
     Input and output: (N, channels, H, W) in [0, 1]; H and W must be multiples of 4 so the two
     downsamplings are undone exactly by the two upsamplings.
+
+    ``mask_background`` (default on) sets the output to 0 wherever the input is exactly 0: after
+    preprocessing that is the air and padding outside the breast (clipped by the display window),
+    where neither energy carries tissue signal and no contrast can be taken up. Without it the
+    network has to learn to output flat zeros over more than half of every image, and the residual
+    noise it leaves there dominates SSIM. The mask has no parameters (state dicts are unchanged).
     """
 
-    def __init__(self, channels: int = 1, ngf: int = 64, n_residual_blocks: int = 9) -> None:
+    def __init__(self, channels: int = 1, ngf: int = 64, n_residual_blocks: int = 9,
+                 mask_background: bool = True) -> None:
         super().__init__()
         _check_positive(ngf=ngf, n_residual_blocks=n_residual_blocks, channels=channels)
         self.channels, self.ngf, self.n_residual_blocks = channels, ngf, n_residual_blocks
+        self.mask_background = mask_background
         layers: list[nn.Module] = [
             nn.ReflectionPad2d(3),
             nn.Conv2d(channels, ngf, kernel_size=7),
@@ -75,7 +83,10 @@ class ResnetGenerator(nn.Module):
             raise ValueError(
                 f"ResnetGenerator needs height and width divisible by {size_multiple}, got {tuple(x.shape[-2:])}"
             )
-        return (self.net(x * 2.0 - 1.0) + 1.0) / 2.0
+        out = (self.net(x * 2.0 - 1.0) + 1.0) / 2.0
+        if self.mask_background:
+            out = out * (x > 0).to(out.dtype)
+        return out
 
 
 class PatchDiscriminator(nn.Module):

@@ -54,6 +54,7 @@ class CycleGANLoss:
 
     lambda_cycle: float
     lambda_identity: float
+    lambda_paired: float = 0.0
 
     @staticmethod
     def adversarial(scores: torch.Tensor, target_is_real: bool) -> torch.Tensor:
@@ -72,8 +73,13 @@ class CycleGANLoss:
         )
         cycle = F.l1_loss(g_ba(fake_b).float(), real_a) + F.l1_loss(g_ab(fake_a).float(), real_b)
         identity = F.l1_loss(g_ab(real_b).float(), real_b) + F.l1_loss(g_ba(real_a).float(), real_a)
-        total = adversarial + self.lambda_cycle * cycle + self.lambda_identity * identity
-        terms = {"adversarial": adversarial, "cycle": cycle, "identity": identity}
+        # The data are paired (paper 5.2.1: losses "directly comparing the synthesized CESM images
+        # with the corresponding real CESM images"), so G_AB(LE) is also pulled towards its own
+        # DES partner; lambda_paired = 0 gives the unpaired CycleGAN objective.
+        paired = F.l1_loss(fake_b.float(), real_b)
+        total = (adversarial + self.lambda_cycle * cycle + self.lambda_identity * identity
+                 + self.lambda_paired * paired)
+        terms = {"adversarial": adversarial, "cycle": cycle, "identity": identity, "paired": paired}
         return total, terms, fake_a, fake_b
 
     def discriminator_loss(
@@ -164,7 +170,8 @@ def train_cyclegan(
     ``train/adversarial``, ``train/cycle``, ``train/identity``, ``val/l1``, ``lr``).
     """
     device = resolve_device(device)
-    loss = CycleGANLoss(lambda_cycle=cfg.lambda_cycle, lambda_identity=cfg.lambda_identity)
+    loss = CycleGANLoss(lambda_cycle=cfg.lambda_cycle, lambda_identity=cfg.lambda_identity,
+                        lambda_paired=cfg.lambda_paired)
     nets = build_cyclegan(cfg, seed)
     if cfg.pretrained_weights:
         load_pretrained(nets, cfg.pretrained_weights)
