@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# torch.distributed.nn.functional.all_reduce is the collective with autograd that GlobalBatchNorm2d
+# needs; its deprecation notice names a replacement without a backward pass.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated")
 
 
 class StoppedOnMainProcess(RuntimeError):

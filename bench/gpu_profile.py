@@ -1,0 +1,170 @@
+"""Benchmark: can the paper-scale reproduction (profiles/gpu.yaml) run in one GPU-hour?
+
+Times a measured fraction of the work of every network of the profile (each classifier
+architecture and the CycleGAN, at the profile's image size and batch sizes, through the real
+data path: memory-mapped array -> augmenting dataset -> pinned-memory DataLoader -> bf16
+channels_last step), prints images/s per architecture and as a fraction of the same step on
+tensors already on the device (model-only throughput), and extrapolates to the whole
+reproduction: every fold x modality x view classifier and every fold x view generator for the
+profile's full epoch budget (no early stop assumed, so an upper bound).
+
+Without a GPU it says so and runs the same measurement on the CPU (default: a few steps at 64 px).
+
+    .venv/bin/python bench/gpu_profile.py [--profile profiles/gpu.yaml] [--steps 20]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from virtual_biopsy.config import ClassifierConfig, GeneratorConfig
+from virtual_biopsy.models import build_classifier
+from virtual_biopsy.training import AffineAugment, LabelledImageDataset, PairedImageDataset, open_images
+from virtual_biopsy.training.classifier_trainer import train_step
+from virtual_biopsy.training.generator_trainer import CycleGANLoss, build_cyclegan, _optimisers
+from virtual_biopsy.training.generator_trainer import train_step as gan_step
+from virtual_biopsy.training.loop import epoch_loader, prepare_module, to_device
+
+# Paper Table 1/2: early-phase biopsied images per modality and view, LE/DES pairs per view.
+BIOPSY_IMAGES_PER_MODALITY_VIEW = 115
+PAIRS_PER_VIEW = 1139  # (1598 early + 680 late) / 2 views
+TRAIN_SHARE = 0.8
+GOAL_S = 3600.0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", type=Path, default=Path("profiles/gpu.yaml"))
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per network (default 20 GPU, 2 CPU)")
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers on GPU")
+    parser.add_argument("--cpu-image-size", type=int, default=64, help="image size of the CPU fallback")
+    return parser.parse_args()
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, batches, warmup: int, device: torch.device) -> float:
+    """Seconds per step over ``batches`` after ``warmup`` untimed steps."""
+    iterator = iter(batches)
+    for _ in range(warmup):
+        step(*next(iterator))
+    synchronise(device)
+    start, count = time.perf_counter(), 0
+    for batch in iterator:
+        step(*batch)
+        count += 1
+    synchronise(device)
+    return (time.perf_counter() - start) / max(count, 1)
+
+
+def repeat(loader_factory, n: int):
+    """``n`` batches from loaders re-created as needed (epochs of the small benchmark array)."""
+    out, epoch = 0, 0
+    while out < n:
+        for batch in loader_factory(epoch):
+            yield batch
+            out += 1
+            if out == n:
+                return
+        epoch += 1
+
+
+def classifier_rates(arch: str, images: np.ndarray, batch: int, steps: int, warmup: int, device: torch.device,
+                     workers: int) -> tuple[float, float]:
+    """(data path, model only) images/s of one training step of ``arch``."""
+    def fresh():
+        model = prepare_module(build_classifier(arch, seed=0), device).train()
+        optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+        return lambda x, y: train_step(model, optimiser, to_device(x, device), y.to(device, non_blocking=True), device)
+
+    dataset = LabelledImageDataset(images, np.arange(len(images)), np.arange(len(images)) % 2, augment=AffineAugment())
+    pin = device.type == "cuda"
+    loaders = repeat(lambda e: epoch_loader(dataset, batch, 0, e, True, workers, pin_memory=pin), warmup + steps)
+    data_s = timed(fresh(), loaders, warmup, device)
+    size = images.shape[1]
+    fixed = (torch.rand(batch, 1, size, size, device=device), torch.randint(0, 2, (batch,), device=device))
+    model_s = timed(fresh(), [fixed] * (warmup + steps), warmup, device)
+    return batch / data_s, batch / model_s
+
+
+def generator_rates(cfg: GeneratorConfig, images: np.ndarray, steps: int, warmup: int, device: torch.device,
+                    workers: int) -> tuple[float, float]:
+    def fresh():
+        nets = build_cyclegan(cfg, seed=0)
+        for net in nets.values():
+            prepare_module(net, device).train()
+        opt_g, opt_d = _optimisers(nets, cfg)
+        loss = CycleGANLoss(cfg.lambda_cycle, cfg.lambda_identity)
+        return lambda a, b: gan_step(nets, loss, opt_g, opt_d, to_device(a, device), to_device(b, device), device)
+
+    half = len(images) // 2
+    dataset = PairedImageDataset(images, np.arange(half), np.arange(half, 2 * half), augment=AffineAugment())
+    pin = device.type == "cuda"
+    loaders = repeat(lambda e: epoch_loader(dataset, cfg.batch_size, 0, e, True, workers, pin_memory=pin), warmup + steps)
+    data_s = timed(fresh(), loaders, warmup, device)
+    size = images.shape[1]
+    fixed = tuple(torch.rand(cfg.batch_size, 1, size, size, device=device) for _ in range(2))
+    model_s = timed(fresh(), [fixed] * (warmup + steps), warmup, device)
+    return cfg.batch_size / data_s, cfg.batch_size / model_s
+
+
+def main() -> int:
+    args = parse_args()
+    profile = yaml.safe_load(args.profile.read_text())
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        size = int(profile["preprocess"]["image_size"])
+        print(f"GPU: {torch.cuda.get_device_name(device)}; profile {args.profile} at {size} px")
+    else:
+        size = args.cpu_image_size
+        print(f"no GPU present: measuring on the CPU ({torch.get_num_threads()} threads) at {size} px instead of "
+              f"{profile['preprocess']['image_size']} px; the extrapolation below is for this CPU")
+    steps = args.steps or (20 if cuda else 2)
+    warmup = args.warmup_steps if cuda else 1
+    workers = args.workers if cuda else 0
+    classifier = ClassifierConfig(**{k: v for k, v in profile["classifier"].items() if k != "architectures"})
+    generator = GeneratorConfig(**profile["generator"])
+    folds = int(profile.get("split", {}).get("folds", 5))
+    rows = max(64, 2 * (warmup + steps) * max(classifier.batch_size, generator.batch_size))
+    total_s = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "images.npy"
+        np.save(path, np.random.default_rng(0).random((rows, size, size), dtype=np.float32))
+        images = open_images(path)
+        # Each classifier epoch: the train images once with updates, the val images once more
+        # (scored at about three times the training rate; counted here as training, an upper bound).
+        images_per_epoch = BIOPSY_IMAGES_PER_MODALITY_VIEW * (TRAIN_SHARE + 0.1)
+        for arch in profile["classifier"]["architectures"]:
+            data_rate, model_rate = classifier_rates(arch, images, classifier.batch_size, steps, warmup, device, workers)
+            seconds = classifier.epochs * folds * 2 * 2 * images_per_epoch / data_rate
+            total_s += seconds
+            print(f"{arch:9s} {data_rate:8.1f} img/s data path, {model_rate:8.1f} img/s model only "
+                  f"({data_rate / model_rate:.2f} of model-only); {folds} folds x 2 modalities x 2 views x "
+                  f"{classifier.epochs} epochs: {seconds / 60:.1f} min", flush=True)
+        data_rate, model_rate = generator_rates(generator, images, steps, warmup, device, workers)
+        seconds = generator.epochs * folds * 2 * PAIRS_PER_VIEW * (TRAIN_SHARE + 0.1) / data_rate
+        total_s += seconds
+        print(f"cyclegan  {data_rate:8.1f} pairs/s data path, {model_rate:8.1f} pairs/s model only "
+              f"({data_rate / model_rate:.2f} of model-only); {folds} folds x 2 views x {generator.epochs} epochs: "
+              f"{seconds / 60:.1f} min", flush=True)
+    verdict = "within" if total_s <= GOAL_S else "over"
+    print(f"whole reproduction (no early stopping, upper bound): {total_s / 3600:.2f} h on this "
+          f"{'GPU' if cuda else 'CPU'}; {verdict} the 1 GPU-hour goal" + ("" if cuda else " (goal applies to one H100)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
