@@ -174,17 +174,18 @@ def test_early_stopping_rejects_a_diverged_loss():
 
 
 def test_cyclegan_uses_the_configured_loss_weights(images):
-    cfg = dataclasses.replace(TINY_GAN, epochs=1, lambda_cycle=7.0, lambda_identity=2.5)
+    cfg = dataclasses.replace(TINY_GAN, epochs=1, lambda_cycle=7.0, lambda_identity=2.5, lambda_paired=3.0)
     result = train_cyclegan(paired(images, range(4)), paired(images, [4, 5]), cfg, seed=0)
-    assert result.loss == CycleGANLoss(lambda_cycle=7.0, lambda_identity=2.5)
+    assert result.loss == CycleGANLoss(lambda_cycle=7.0, lambda_identity=2.5, lambda_paired=3.0)
 
 
 def test_cyclegan_loss_adds_the_weighted_terms():
     nets = generator_trainer.build_cyclegan(TINY_GAN, seed=0)
     real_a, real_b = torch.rand(2, 1, SIZE, SIZE), torch.rand(2, 1, SIZE, SIZE)
-    loss = CycleGANLoss(lambda_cycle=10.0, lambda_identity=5.0)
-    total, terms, _, _ = loss.generator_terms(nets, real_a, real_b)
-    expected = terms["adversarial"] + 10.0 * terms["cycle"] + 5.0 * terms["identity"]
+    loss = CycleGANLoss(lambda_cycle=10.0, lambda_identity=5.0, lambda_paired=2.0)
+    total, terms, _, fake_b = loss.generator_terms(nets, real_a, real_b)
+    expected = terms["adversarial"] + 10.0 * terms["cycle"] + 5.0 * terms["identity"] + 2.0 * terms["paired"]
+    assert torch.allclose(terms["paired"], torch.nn.functional.l1_loss(fake_b, real_b))
     assert torch.allclose(total, expected)
 
 

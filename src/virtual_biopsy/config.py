@@ -84,14 +84,14 @@ class SplitConfig:
 @dataclass(frozen=True)
 class GeneratorConfig:
     views: tuple[str, ...] = VIEWS
-    ngf: int = 16
-    ndf: int = 16
-    n_residual_blocks: int = 3
-    epochs: int = 12
-    warmup_epochs: int = 4
-    patience: int = 4
-    batch_size: int = 8
-    lr: float = 2e-4
+    ngf: int = 8
+    ndf: int = 8
+    n_residual_blocks: int = 2
+    epochs: int = 8
+    warmup_epochs: int = 3
+    patience: int = 3
+    batch_size: int = 4
+    lr: float = 1e-3
     weight_decay: float = 1e-5
     beta1: float = 0.5
     lambda_cycle: float = 10.0
