@@ -45,3 +45,9 @@ def test_missing_or_broken_file_is_named(tmp_path):
 def test_params_hash_changes_with_any_value():
     assert params_hash(Params()) == params_hash(Params())
     assert params_hash(Params()) != params_hash(Params(seed=1))
+
+
+def test_device_must_be_auto_cpu_cuda_or_a_cuda_index():
+    assert params_from_dict({"generator": {"device": "cuda:1"}, "classifier": {"device": "cpu"}}).generator.device == "cuda:1"
+    with pytest.raises(ConfigError, match=r"classifier.device: must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        params_from_dict({"classifier": {"device": "gpu"}})

@@ -22,7 +22,7 @@ from virtual_biopsy.training import (
     train_classifier,
     train_cyclegan,
 )
-from virtual_biopsy.training import classifier_trainer, generator_trainer
+from virtual_biopsy.training import classifier_trainer, generator_trainer, loop
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -316,3 +316,11 @@ def test_classifier_rejects_class_weights_of_wrong_length(images):
             build_classifier("resnet18"), labelled(images, range(4)), labelled(images, [4, 5]),
             TINY_CLASSIFIER, seed=0, class_weights=[1.0, 2.0, 3.0],
         )
+
+
+def test_auto_device_is_cuda_when_present_else_cpu():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert loop.resolve_device("auto").type == expected
+    assert loop.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="'tpu9': not a torch device"):
+        loop.resolve_device("tpu9")

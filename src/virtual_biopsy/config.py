@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ class GeneratorConfig:
     sample_every: int = 4
     serving_policy: str = "best_fold"
     pretrained_weights: str | None = None
+    device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class ClassifierConfig:
     augment: bool = True
     augment_strength: float = 1.0  # scales the affine ranges (0 = none, 1 = paper's); tuned by vbiopsy tune
     weights_file: str | None = None
+    device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,10 @@ def _check_values(p: Params) -> None:
         bad("synth.acr_mix", f"needs four shares (a, b, c, d) summing to 1, got {p.synth.acr_mix}")
     if p.tune.metric not in ("mcc", "auc"):
         bad("tune.metric", f"must be mcc or auc, got {p.tune.metric!r}")
+    for section in ("generator", "classifier"):
+        device = getattr(p, section).device
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            bad(f"{section}.device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def params_hash(params: Params) -> str:

@@ -10,7 +10,6 @@ handles imbalance in evaluation (MCC, G-mean) and fusion (MCC weights), so that 
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from virtual_biopsy.training.loop import (
     epoch_loader,
     prepare_module,
     resolve_device,
+    run_config,
     seeded_torch,
     state_on_cpu,
     to_device,
@@ -76,8 +76,9 @@ def train_classifier(
     with DistributedDataParallel (``training.distributed``); only rank 0 checkpoints and calls
     ``on_epoch_end``, and the result equals the single-process run's up to float rounding.
     """
+    device = resolve_device(device)
     context = distributed.init_from_env(device)
-    device = distributed.rank_device(resolve_device(device), context)
+    device = distributed.rank_device(device, context)
     prepare_module(model, device)
     weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32, device=device)
     if weight is not None and weight.shape != (2,):
@@ -91,7 +92,7 @@ def train_classifier(
         "kind": "classifier",
         "model": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "config": dataclasses.asdict(cfg),
+        "config": run_config(cfg),
         "seed": seed,
         "train": len(train_ds),
         "val": len(val_ds),

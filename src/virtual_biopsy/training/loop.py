@@ -18,6 +18,7 @@ saved, calling the trainer again with the same ``checkpoint_dir`` resumes at the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -89,12 +90,29 @@ def epoch_loader(
                       pin_memory=pin_memory)
 
 
+DEVICE_CHOICES = "auto | cpu | cuda | cuda:N"
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
-    """The requested device, with a clear error when CUDA is asked for but absent."""
-    device = torch.device(device)
+    """The requested device, with a clear error when CUDA is asked for but absent.
+
+    ``"auto"`` (the params.yaml default) is CUDA when this machine has a GPU, else the CPU.
+    """
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r}: not a torch device; choose {DEVICE_CHOICES}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device} requested but CUDA is not available on this machine")
     return device
+
+
+def run_config(cfg: Any) -> dict[str, Any]:
+    """A config section as a checkpoint fingerprint: ``device`` says where, not what, is trained,
+    so a run checkpointed on one device resumes on another."""
+    return {key: value for key, value in dataclasses.asdict(cfg).items() if key != "device"}
 
 
 def prepare_module(module: nn.Module, device: torch.device) -> nn.Module:
