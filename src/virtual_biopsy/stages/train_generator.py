@@ -28,6 +28,11 @@ Serving generator (``generator.serving_policy``)
 MLflow: a stage run tagged with the view, one child run per fold (params, per-epoch losses, sample
 grids every ``sample_every`` epochs, test metrics, weights and checkpoint), and a ``serving`` child
 run that holds the registered model.
+
+Device and processes: ``--device`` (default ``generator.device``; ``auto`` is CUDA when present).
+Under ``torchrun --nproc_per_node=N`` every rank trains its share of each global batch
+(``training.distributed``); only rank 0 logs to MLflow, registers the model and writes weights,
+reports and figures.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ from virtual_biopsy.atomic import atomic_path, write_json
 from virtual_biopsy.config import ACR_CATEGORIES, VIEWS, ConfigError, GeneratorConfig, Params, load_params
 from virtual_biopsy.models.cyclegan import ResnetGenerator
 from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.training import distributed
 from virtual_biopsy.training.augment import AffineAugment
 from virtual_biopsy.training.checkpoint import CheckpointError
 from virtual_biopsy.training.datasets import PairedImageDataset, derive_seed, open_images
@@ -56,7 +62,7 @@ from virtual_biopsy.training.generator_trainer import (
     generate,
     train_cyclegan,
 )
-from virtual_biopsy.training.loop import EpochState
+from virtual_biopsy.training.loop import EpochState, resolve_device
 
 STAGE = "train_generator"
 METRIC_NAMES = ("mse", "psnr", "ssim")
@@ -319,8 +325,9 @@ def train_fold(paths: ProjectPaths, params: Params, view: str, fold: int, images
     val_quality, _ = evaluate_generator(generator, images, subsets["val"], cfg.batch_size, device)
     test, synthetic = evaluate_generator(generator, images, subsets["test"], cfg.batch_size, device)
     weights = fold_weights_path(paths, view, fold)
-    save_generator_weights(weights, result.generator_state, cfg, view=view, fold=fold,
-                           image_size=int(images.shape[1]), best_epoch=result.best_epoch)
+    if distributed.is_main_process():
+        save_generator_weights(weights, result.generator_state, cfg, view=view, fold=fold,
+                               image_size=int(images.shape[1]), best_epoch=result.best_epoch)
     if run is not None:
         run.log_params({"view": view, "fold": fold, "seed": seed, "image_size": images.shape[1],
                         **{f"pairs_{k}": len(v) for k, v in subsets.items()}})
@@ -415,11 +422,22 @@ def summarize(view: str, outcomes: list[FoldOutcome], serving: dict[str, Any]) -
             "sem": {k: v[1] for k, v in stats.items()}, "serving": serving}
 
 
-def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: str = "cpu",
+def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: str | None = None,
                         use_mlflow: bool = True) -> dict[str, Any]:
-    """Train every fold of ``view``, choose and (with MLflow) register the serving model; return the report."""
+    """Train every fold of ``view``, choose and (with MLflow) register the serving model; return the report.
+
+    ``device`` None: ``generator.device``. Under torchrun every rank calls this; only rank 0 logs,
+    registers and writes files (every rank returns the report).
+    """
     if view not in VIEWS:
         raise GeneratorStageError(f"unknown view {view!r}; choose from {VIEWS}")
+    try:
+        resolved = resolve_device(params.generator.device if device is None else device)
+    except (ValueError, RuntimeError) as exc:  # unknown device string, or CUDA asked for but absent
+        raise GeneratorStageError(str(exc)) from exc
+    # Under torchrun: join the process group now (rank 0 alone opens the MLflow run); rank r uses GPU r.
+    device = str(distributed.rank_device(resolved, distributed.init_from_env(resolved)))
+    main_process = distributed.is_main_process()
     images, index, folds = read_inputs(paths)
     pairs = view_pairs(index, view)
     if pairs.empty:
@@ -430,7 +448,7 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
     from virtual_biopsy import tracking
 
     stage = (tracking.stage_run(STAGE, root=paths.root, params=params, tags={"view": view},
-                                run_name=f"{STAGE}-{view}") if use_mlflow else nullcontext(None))
+                                run_name=f"{STAGE}-{view}") if use_mlflow and main_process else nullcontext(None))
     with stage as run:
         outcomes = []
         for fold in fold_ids:
@@ -439,6 +457,8 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
             with child as fold_run:
                 outcomes.append(train_fold(paths, params, view, fold, images, subsets, fold_run, device))
         state, serving = serving_generator(paths, params, view, images, pairs, folds, outcomes, device)
+        if not main_process:
+            return summarize(view, outcomes, serving)
         save_generator_weights(serving_weights_path(paths, view), state, params.generator, view=view,
                                fold=serving["fold"], image_size=int(images.shape[1]), policy=serving["policy"])
         if run is not None:
@@ -459,16 +479,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--view", required=True, choices=VIEWS, help="mammographic view")
     parser.add_argument("--root", default=".", help="project root (default: current directory)")
     parser.add_argument("--params", default=None, help="params file (default: ROOT/params.yaml)")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1 ...)")
+    parser.add_argument("--device", default=None,
+                        help="torch device: auto, cpu, cuda, cuda:1 ... (default: generator.device in params)")
     parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging and registration")
     args = parser.parse_args(argv)
     paths = ProjectPaths(Path(args.root))
     try:
         params = load_params(args.params or paths.root / "params.yaml")
         report = run_train_generator(paths, params, args.view, args.device, use_mlflow=not args.no_mlflow)
+        main_process = distributed.is_main_process()
     except (ConfigError, GeneratorStageError, FileNotFoundError, pd.errors.ParserError) as exc:
         print(f"{STAGE}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        distributed.shutdown()
+    if not main_process:
+        return 0
     mean, serving = report["mean"], report["serving"]
     print(f"{STAGE} {args.view}: test SSIM {mean['ssim']:.3f} (LE as CESM {mean['baseline_ssim']:.3f}), "
           f"PSNR {mean['psnr']:.2f} dB (baseline {mean['baseline_psnr']:.2f}); serving: {serving['policy']} "

@@ -13,8 +13,8 @@ constant rate).
 """
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from virtual_biopsy.config import GeneratorConfig
 from virtual_biopsy.models.cyclegan import PatchDiscriminator, ResnetGenerator, init_cyclegan_weights
+from virtual_biopsy.training import distributed
 from virtual_biopsy.training.checkpoint import Checkpointer, restore_rng_state
 from virtual_biopsy.training.datasets import PairedImageDataset, derive_seed
 from virtual_biopsy.training.early_stopping import EarlyStopping
@@ -39,6 +40,7 @@ from virtual_biopsy.training.loop import (
     mean,
     prepare_module,
     resolve_device,
+    run_config,
     seeded_torch,
     state_on_cpu,
     to_device,
@@ -168,8 +170,15 @@ def train_cyclegan(
     data sizes); a finished run is returned again without training. ``on_epoch_end`` follows the
     contract in ``training.loop`` (metrics ``train/loss_g``, ``train/loss_d``,
     ``train/adversarial``, ``train/cycle``, ``train/identity``, ``val/l1``, ``lr``).
+
+    Under ``torchrun`` every rank trains its share of each global batch of ``cfg.batch_size``, all
+    four networks in DistributedDataParallel (``training.distributed``); only rank 0 checkpoints
+    and calls ``on_epoch_end``, and the result equals the single-process run's up to float
+    rounding. InstanceNorm normalises each image on its own, so no statistics cross ranks.
     """
     device = resolve_device(device)
+    context = distributed.init_from_env(device)
+    device = distributed.rank_device(device, context)
     loss = CycleGANLoss(lambda_cycle=cfg.lambda_cycle, lambda_identity=cfg.lambda_identity,
                         lambda_paired=cfg.lambda_paired)
     nets = build_cyclegan(cfg, seed)
@@ -181,11 +190,14 @@ def train_cyclegan(
     stopper = EarlyStopping(cfg.warmup_epochs, cfg.patience)
     checkpointer = Checkpointer(
         checkpoint_dir,
-        {"kind": "cyclegan", "config": dataclasses.asdict(cfg), "seed": seed, "train": len(train_ds), "val": len(val_ds)},
+        {"kind": "cyclegan", "config": run_config(cfg), "seed": seed, "train": len(train_ds), "val": len(val_ds)},
     )
     history: list[dict[str, float]] = []
     start_epoch, finished = 0, False
-    with seeded_torch(seed, device):
+    with seeded_torch(seed, device), contextlib.ExitStack() as stack:
+        # Each network is its own DDP module (identity at world size 1): the generator and the
+        # discriminator steps each back-propagate into one pair of them.
+        wrapped = {name: stack.enter_context(distributed.data_parallel(net, device)) for name, net in nets.items()}
         record = checkpointer.load_latest()
         if record is not None:
             for name, net in nets.items():
@@ -196,12 +208,13 @@ def train_cyclegan(
             history, start_epoch, finished = record["history"], record["epoch"] + 1, record["finished"]
             restore_rng_state(record["rng"])
         for epoch in range(start_epoch, 0 if finished else cfg.epochs):
-            train_metrics = _train_epoch(nets, loss, opt_g, opt_d, train_ds, cfg, seed, epoch, device, num_workers)
+            train_metrics = _train_epoch(nets, loss, opt_g, opt_d, train_ds, cfg, seed, epoch, device, num_workers,
+                                         wrapped)
             val_l1 = paired_validation_loss(nets["generator_ab"], val_ds, cfg.batch_size, device)
             metrics = as_metrics({**train_metrics, "val/l1": val_l1, "lr": opt_g.param_groups[0]["lr"]})
             history.append({"epoch": float(epoch), **metrics})
             finished = stopper.step(epoch, val_l1, nets["generator_ab"].state_dict()) or epoch == cfg.epochs - 1
-            checkpointer.save(
+            (checkpointer.save if distributed.is_main_process() else _skip)(
                 {
                     "networks": cyclegan_state(nets),
                     "opt_g": opt_g.state_dict(),
@@ -214,7 +227,7 @@ def train_cyclegan(
             )
             if on_epoch_end is not None:
                 state = EpochState(epoch, nets, stopper.is_best(epoch), stopper.best_epoch, stopper.best_loss, history)
-                on_epoch_end(epoch, metrics, state)
+                distributed.run_on_main(on_epoch_end, epoch, metrics, state, device=device)
             if finished:
                 break
     epochs_run = len(history)
@@ -246,23 +259,36 @@ def train_step(
     real_a: torch.Tensor,
     real_b: torch.Tensor,
     device: torch.device = torch.device("cpu"),
+    wrapped: Mapping[str, nn.Module] | None = None,
 ) -> dict[str, float]:
-    """One CycleGAN update: generators first (discriminators frozen), then both discriminators."""
+    """One CycleGAN update: generators first (discriminators frozen), then both discriminators.
+
+    ``wrapped``: the networks to call for training (DDP modules under torchrun; ``nets`` itself by
+    default). The batch is then this rank's share of the global batch, and each loss (a mean over
+    the share's images) is scaled so that DDP's gradient average is the gradient of the global
+    batch mean (``distributed.global_mean_scale``); the returned values are means over the share.
+    """
+    wrapped = nets if wrapped is None else wrapped
+    # Rank r's loss mean * count_r * N / total: DDP's average over N ranks is the global mean.
+    scale = len(real_a) * distributed.global_mean_scale(len(real_a), device) if distributed.is_distributed() else None
     for name in ("discriminator_a", "discriminator_b"):
         nets[name].requires_grad_(False)  # G's step must not accumulate gradients into D
     opt_g.zero_grad(set_to_none=True)
+    # The frozen discriminators are called unwrapped in G's step: a DDP module whose parameters
+    # get no gradient in a backward pass would wait for that reduction at its next forward.
+    generator_nets = {**nets, "generator_ab": wrapped["generator_ab"], "generator_ba": wrapped["generator_ba"]}
     with autocast_for(device):
-        loss_g, terms, fake_a, fake_b = loss.generator_terms(nets, real_a, real_b)
-    loss_g.backward()
+        loss_g, terms, fake_a, fake_b = loss.generator_terms(generator_nets, real_a, real_b)
+    (loss_g if scale is None else loss_g * scale).backward()
     opt_g.step()
     for name in ("discriminator_a", "discriminator_b"):
         nets[name].requires_grad_(True)
     opt_d.zero_grad(set_to_none=True)
     with autocast_for(device):
-        loss_d = loss.discriminator_loss(nets["discriminator_a"], real_a, fake_a) + loss.discriminator_loss(
-            nets["discriminator_b"], real_b, fake_b
+        loss_d = loss.discriminator_loss(wrapped["discriminator_a"], real_a, fake_a) + loss.discriminator_loss(
+            wrapped["discriminator_b"], real_b, fake_b
         )
-    loss_d.backward()
+    (loss_d if scale is None else loss_d * scale).backward()
     opt_d.step()
     return {"loss_g": loss_g.item(), "loss_d": loss_d.item(), **{k: v.item() for k, v in terms.items()}}
 
@@ -278,31 +304,55 @@ def _train_epoch(
     epoch: int,
     device: torch.device,
     num_workers: int,
+    wrapped: Mapping[str, nn.Module] | None = None,
 ) -> dict[str, float]:
+    """Epoch metrics: the mean over steps of each step's global-batch mean (as in one process)."""
     for net in nets.values():
         net.train()
-    loader = epoch_loader(train_ds, cfg.batch_size, seed, epoch, shuffle=True, num_workers=num_workers)
+    loader = epoch_loader(train_ds, cfg.batch_size, seed, epoch, shuffle=True, num_workers=num_workers,
+                          pin_memory=device.type == "cuda", shard=True)
     sums: dict[str, list[float]] = {}
-    for real_a, real_b in tqdm(loader, desc=f"cyclegan epoch {epoch}", leave=False, disable=None):
-        step = train_step(nets, loss, opt_g, opt_d, to_device(real_a, device), to_device(real_b, device), device)
+    counts: list[int] = []
+    for real_a, real_b in tqdm(loader, desc=f"cyclegan epoch {epoch}", leave=False,
+                               disable=None if distributed.is_main_process() else True):
+        step = train_step(nets, loss, opt_g, opt_d, to_device(real_a, device), to_device(real_b, device), device,
+                          wrapped)
+        counts.append(len(real_a))
         for key, value in step.items():
             sums.setdefault(key, []).append(value)
+    if distributed.is_distributed():
+        # Every rank runs the same number of steps (distributed.shard_order): one all-reduce of
+        # per-step sums and counts gives each step's global-batch mean.
+        keys = sorted(sums)
+        local = [value * count for key in keys for value, count in zip(sums[key], counts)]
+        total = np.asarray(distributed.all_reduce_sum([*local, *counts], device))
+        per_step = total[: len(local)].reshape(len(keys), len(counts)) / total[len(local):]
+        sums = {key: per_step[i].tolist() for i, key in enumerate(keys)}
     return {f"train/{key}": mean(values) for key, values in sums.items()}
+
+
+def _skip(*_: object) -> None:
+    """Ranks other than 0 write nothing."""
 
 
 @torch.no_grad()
 def paired_validation_loss(
     generator: nn.Module, val_ds: PairedImageDataset, batch_size: int, device: str | torch.device = "cpu"
 ) -> float:
-    """Mean absolute error between G(LE) and the real DES partner over ``val_ds`` (per pixel)."""
+    """Mean absolute error between G(LE) and the real DES partner over ``val_ds`` (per pixel).
+
+    Under torchrun each rank evaluates a share of ``val_ds`` and the sums are all-reduced.
+    """
     device = torch.device(device)
     generator.eval()
     total, pixels = 0.0, 0
-    for real_a, real_b in epoch_loader(val_ds, batch_size, seed=0, epoch=0, shuffle=False):
+    for real_a, real_b in epoch_loader(val_ds, batch_size, seed=0, epoch=0, shuffle=False,
+                                       pin_memory=device.type == "cuda", shard=True):
         with autocast_for(device):
             fake_b = generator(to_device(real_a, device))
         total += F.l1_loss(fake_b.float(), to_device(real_b, device), reduction="sum").item()
         pixels += real_b.numel()
+    total, pixels = distributed.all_reduce_sum([total, pixels], device)
     return total / pixels
 
 
