@@ -110,12 +110,12 @@ class ClassifierConfig:
     architectures: tuple[str, ...] = ("resnet18",)
     modalities: tuple[str, ...] = MODALITIES
     views: tuple[str, ...] = VIEWS
-    epochs: int = 30
-    warmup_epochs: int = 8
-    patience: int = 8
-    lr_patience: int = 5
+    epochs: int = 12
+    warmup_epochs: int = 4
+    patience: int = 4
+    lr_patience: int = 2
     lr_factor: float = 0.1
-    batch_size: int = 16
+    batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-5
     augment: bool = True

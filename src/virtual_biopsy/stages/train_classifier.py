@@ -64,8 +64,9 @@ from virtual_biopsy.training.classifier_trainer import (
     predict_proba,
     train_classifier,
 )
+from virtual_biopsy.training import distributed
 from virtual_biopsy.training.datasets import LabelledImageDataset, derive_seed, open_images
-from virtual_biopsy.training.loop import EpochState
+from virtual_biopsy.training.loop import EpochState, resolve_device
 
 STAGE = "train_classifier"
 BIOPSY_LABELS = {"malignant": 1, "benign": 0}
@@ -272,9 +273,11 @@ def fold_seed(seed: int, arch: str, modality: str, view: str, fold: int) -> int:
     return derive_seed(seed, ARCHITECTURES.index(arch), MODALITIES.index(modality), VIEWS.index(view), fold)
 
 
-def labelled_dataset(images: np.ndarray, frame: pd.DataFrame, seed: int, augment: bool) -> LabelledImageDataset:
-    return LabelledImageDataset(images, frame["row"].to_numpy(), frame["y"].to_numpy(),
-                                augment=AffineAugment() if augment else None, seed=seed)
+def labelled_dataset(images: np.ndarray, frame: pd.DataFrame, seed: int, augment: bool,
+                     strength: float = 1.0) -> LabelledImageDataset:
+    """Images of ``frame`` with labels ``y``; paper 5.1 augmentation scaled by ``strength`` when ``augment``."""
+    transform = AffineAugment(strength) if augment and strength > 0 else None
+    return LabelledImageDataset(images, frame["row"].to_numpy(), frame["y"].to_numpy(), augment=transform, seed=seed)
 
 
 FoldEpochCallback = Callable[[int, int, dict[str, float]], None]
@@ -380,7 +383,8 @@ def train_fold(paths: ProjectPaths, params: Params, which: Classifier, fold: int
     ckpt = checkpoint_dir(paths, which.arch, which.modality, which.view, fold)
     discard_stale_checkpoint(ckpt, inputs_key(images, real["train"], real["val"]))
     result = train_with_resume(
-        model, labelled_dataset(images, real["train"], seed, cfg.augment), labelled_dataset(images, real["val"], seed, False),
+        model, labelled_dataset(images, real["train"], seed, cfg.augment, cfg.augment_strength),
+        labelled_dataset(images, real["val"], seed, False),
         cfg, seed, ckpt,
         _epoch_logger(run, images, real["val"], cfg.batch_size, device, fold, epoch_callback), device,
     )
@@ -453,6 +457,13 @@ def run_train_classifier(paths: ProjectPaths, params: Params, arch: str, modalit
         if value not in allowed:
             raise ClassifierStageError(f"unknown {name} {value!r}; choose from {allowed}")
     which = Classifier(arch, modality, view)
+    try:
+        resolved = resolve_device(device)
+    except (ValueError, RuntimeError) as exc:  # unknown device string, or CUDA asked for but absent
+        raise ClassifierStageError(str(exc)) from exc
+    # Under torchrun: join the process group first; only rank 0 logs to MLflow and writes files.
+    device = str(distributed.rank_device(resolved, distributed.init_from_env(resolved)))
+    main_process = distributed.is_main_process()
     images, index, folds, imputed, imputed_index = read_inputs(paths, modality)
     real = biopsy_images(index, modality, view)
     if real.empty:
@@ -461,7 +472,8 @@ def run_train_classifier(paths: ProjectPaths, params: Params, arch: str, modalit
     from virtual_biopsy import tracking
 
     stage = (tracking.stage_run(STAGE, root=paths.root, params=params, tags=which.tags,
-                                run_name=f"{STAGE} {which.label}") if use_mlflow else nullcontext(None))
+                                run_name=f"{STAGE} {which.label}") if use_mlflow and main_process
+             else nullcontext(None))
     with stage as run:
         outcomes = []
         for fold in sorted(int(k) for k in folds["fold"].unique()):
@@ -475,6 +487,8 @@ def run_train_classifier(paths: ProjectPaths, params: Params, arch: str, modalit
                 outcomes.append(train_fold(paths, params, which, fold, images, real_parts, synthetic_parts, imputed,
                                            fold_run, device, epoch_callback))
         summary = summarize(which, outcomes)
+        if not main_process:
+            return summary
         write_json(val_mcc_path(paths, arch, modality, view), summary)
         predictions = pd.concat([o.predictions for o in outcomes], ignore_index=True)
         write_csv(predictions_path(paths, arch, modality, view), predictions)
@@ -482,6 +496,9 @@ def run_train_classifier(paths: ProjectPaths, params: Params, arch: str, modalit
             run.log_metrics({f"mean_{k}": v for k, v in summary["mean"].items()})
             run.log_artifact(val_mcc_path(paths, arch, modality, view), STAGE)
             run.log_artifact(predictions_path(paths, arch, modality, view), STAGE)
+    # Every fold finished: its checkpoints (full optimiser state, ~180 MB for resnet18) only served
+    # to resume an interrupted run. Removing them keeps them out of the DVC cache.
+    shutil.rmtree(classifier_dir(paths, arch, modality, view) / "checkpoints", ignore_errors=True)
     return summary
 
 
@@ -492,17 +509,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--view", required=True, choices=VIEWS, help="mammographic view")
     parser.add_argument("--root", default=".", help="project root (default: current directory)")
     parser.add_argument("--params", default=None, help="params file (default: ROOT/params.yaml)")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1 ...)")
+    parser.add_argument("--device", default=None,
+                        help="torch device: auto, cpu, cuda, cuda:1 ... (default: classifier.device in params)")
     parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
     args = parser.parse_args(argv)
     paths = ProjectPaths(Path(args.root))
     try:
         params = load_params(args.params or paths.root / "params.yaml")
-        summary = run_train_classifier(paths, params, args.arch, args.modality, args.view, args.device,
-                                       use_mlflow=not args.no_mlflow)
+        summary = run_train_classifier(paths, params, args.arch, args.modality, args.view,
+                                       args.device or params.classifier.device, use_mlflow=not args.no_mlflow)
+        main_process = distributed.is_main_process()
     except (ConfigError, ClassifierStageError, WeightsFileError, FileNotFoundError, pd.errors.ParserError) as exc:
         print(f"{STAGE}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        distributed.shutdown()
+    if not main_process:
+        return 0
     mean = summary["mean"]
     print(f"{STAGE} {args.arch} {args.modality}-{args.view}: val MCC {mean['val_mcc']:.3f}, "
           f"test AUC {mean['test_auc']:.3f}, test MCC {mean['test_mcc']:.3f} over {len(summary['folds'])} folds "

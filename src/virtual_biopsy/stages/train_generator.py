@@ -471,6 +471,9 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
             run.log_metrics({f"test_{k}": v for k, v in report["mean"].items()})
             run.log_artifact(report_path(paths, view), "generator")
             run.log_artifact(figure3_path(paths, view), "generator")
+    # The fold checkpoints only served to resume an interrupted run (each fold's last one is
+    # logged to MLflow above); removing them keeps them out of the DVC cache.
+    shutil.rmtree(generator_dir(paths, view) / "checkpoints", ignore_errors=True)
     return report
 
 
