@@ -65,8 +65,10 @@ def summary(args: argparse.Namespace) -> int:
         print("\n" + table.read_text())
     gate = root / "reports/gate.json"
     if gate.exists():
-        verdict = json.loads(gate.read_text())
-        print(f"Gate: {verdict.get('decision', '?')} ({verdict.get('model', '')} v{verdict.get('version', '?')})")
+        for arch, entry in json.loads(gate.read_text()).items():
+            champion = entry.get("champion") or "none"
+            print(f"Gate {arch}: {entry['registered_model']} v{entry['version']} {entry['decision']}"
+                  f" (champion: v{champion}); details: vbiopsy registry status")
     print("\nMLflow UI on these runs:")
     print(f"  {tracking.ui_command(root)}   # then open http://127.0.0.1:5000")
     print("Compare runs by settings: filter with  tags.stage = 'evaluate'  and sort by metrics.test_auc\n")
