@@ -120,7 +120,7 @@ def _lesion_contrasts(label: str, config: SynthConfig, draws: int = 12) -> tuple
         inside = anatomy.footprint > 0.5
         near = ndimage.binary_dilation(inside, iterations=8) & ~ndimage.binary_dilation(inside, iterations=3)
         ring = near & (anatomy.breast > 0.5) & (anatomy.spicules < 0.05)
-        le = phantom.low_energy_image(anatomy, quiet, np.random.default_rng(0))
+        le = phantom.low_energy_image(anatomy, breast, quiet, np.random.default_rng(0))
         des = phantom.recombined_image(anatomy, breast, quiet, False, np.random.default_rng(0))
         le_values.append(le[inside].mean() - le[ring].mean())
         des_values.append(des[inside].mean() - des[ring].mean())
@@ -141,7 +141,7 @@ def test_des_depends_on_anatomy_and_enhancement_only_not_on_le_noise():
     anatomy = phantom.render_anatomy(breast, "MLO", 96, 80)
     des_a = phantom.recombined_image(anatomy, breast, config, False, np.random.default_rng(1))
     des_b = phantom.recombined_image(anatomy, breast, config, False, np.random.default_rng(2))
-    le = phantom.low_energy_image(anatomy, config, np.random.default_rng(1))
+    le = phantom.low_energy_image(anatomy, breast, config, np.random.default_rng(1))
     # DES is a function of the anatomy (LE shows it) and the enhancement: two draws differ by
     # independent noise only, of the documented size (2 x noise_sd per image)
     difference = des_a - des_b

@@ -249,3 +249,32 @@ def test_retrain_script_pulls_reproduces_diffs_and_pushes(team_stack, tmp_path):
     (repo / "gate.json").unlink()
     _dvc(repo, env, "pull", "gate")
     assert json.loads((repo / "gate.json").read_text()) == {"champion": True}
+
+
+def test_tiny_pipeline_runs_against_the_server_with_artifacts_in_s3(team_stack, tmp_path):  # noqa: F811
+    """`dvc repro` of the real pipeline with only MLFLOW_TRACKING_URI pointing at the team stack:
+    stage runs, their artifacts (in the bucket) and the registry aliases are all on the server."""
+    from tiny_pipeline import make_tiny_project, repro
+
+    root = make_tiny_project(tmp_path / "project")
+    experiment = f"vb-pipeline-{uuid.uuid4().hex[:8]}"
+    repro(root, env={**team_stack.client_env(), tracking.EXPERIMENT_ENV: experiment})
+    assert not (root / "mlruns").exists(), "the embedded store was used instead of the server"
+
+    exp = requests.get(f"{team_stack.tracking_uri}/api/2.0/mlflow/experiments/get-by-name",
+                       params={"experiment_name": experiment}, timeout=30).json()["experiment"]
+    runs = _search_runs(team_stack.tracking_uri, exp["experiment_id"])
+    stages = {tag["value"] for r in runs for tag in r["data"].get("tags", []) if tag["key"] == "stage"}
+    assert {"ingest", "preprocess", "validate_data", "split", "train_generator", "impute",
+            "train_classifier", "evaluate", "gate"} <= stages
+    run_ids = {r["info"]["run_id"] for r in runs}
+    keys = team_stack.s3.keys(team_stack.bucket, "mlartifacts/")
+    in_bucket = [k for k in keys if any(run_id in k for run_id in run_ids)]
+    assert any(k.endswith("table_a1.md") for k in in_bucket)
+    assert any(k.endswith("gate.json") for k in in_bucket)
+
+    decision = json.loads((root / "reports" / "gate.json").read_text())["resnet18"]
+    alias = requests.get(f"{team_stack.tracking_uri}/api/2.0/mlflow/registered-models/alias",
+                         params={"name": "virtual-biopsy-resnet18", "alias": "challenger"}, timeout=30)
+    assert alias.status_code == 200, alias.text
+    assert alias.json()["model_version"]["version"] == str(decision["version"])

@@ -41,7 +41,8 @@ class SynthConfig:
     late_phase_share: float = 0.43
     acr_mix: tuple[float, ...] = (0.07, 0.39, 0.40, 0.14)
     acr_missing_share: float = 0.20
-    le_lesion_contrast: float = 0.05
+    le_lesion_contrast: float = 0.03
+    le_uptake_coupling: float = 5.0
     des_glandular_suppression: float = 0.85
     bpe_strength: float = 0.25
     malignant_enhancement: float = 0.55
@@ -88,11 +89,11 @@ class GeneratorConfig:
     ngf: int = 8
     ndf: int = 8
     n_residual_blocks: int = 2
-    epochs: int = 8
-    warmup_epochs: int = 3
-    patience: int = 3
-    batch_size: int = 4
-    lr: float = 1e-3
+    epochs: int = 14
+    warmup_epochs: int = 8
+    patience: int = 6
+    batch_size: int = 8
+    lr: float = 2e-3
     weight_decay: float = 1e-5
     beta1: float = 0.5
     lambda_cycle: float = 10.0

@@ -18,8 +18,9 @@ Anatomy of one view (:func:`render_anatomy`), shared by the LE and the DES image
 Physics (every knob is a :class:`~virtual_biopsy.config.SynthConfig` field):
 
 * LE ("low energy", FFDM-like): attenuation of fat, glandular tissue and muscle. A mass is at
-  least as dense as glandular tissue plus ``le_lesion_contrast`` (faint), so it stands out over
-  fat but nearly vanishes inside dense tissue -- the reason FFDM misses lesions in dense breasts.
+  least as dense as glandular tissue plus ``le_lesion_contrast * (1 + le_uptake_coupling *
+  uptake)`` (faint), so it stands out over fat but nearly vanishes inside dense tissue -- the
+  reason FFDM misses lesions in dense breasts; the more a mass takes up contrast, the denser it is.
 * DES (dual-energy subtracted): the recombination removes ``des_glandular_suppression`` of the
   glandular (and muscle) contrast; what remains is iodine. Background parenchymal enhancement
   (BPE) follows the glandular map (``bpe_strength`` times a per-breast level, minimal to marked);
@@ -271,12 +272,24 @@ def render_anatomy(breast: Breast, view: str, rows: int, cols: int) -> Anatomy:
                    muscle.astype(np.float32), body, footprint, spicules, rim)
 
 
-def low_energy_image(anatomy: Anatomy, config: SynthConfig, rng: np.random.Generator) -> np.ndarray:
+def lesion_le_contrast(breast: Breast, config: SynthConfig) -> float:
+    """Excess LE attenuation of the breast's mass over glandular tissue (0 without a mass).
+
+    Grows with the lesion's contrast uptake (``le_uptake_coupling``): cellular, vascular masses
+    are also the denser ones on the mammogram ("high density" is a suspicious BI-RADS feature).
+    This is what makes DES enhancement partly predictable from LE, faintly.
+    """
+    if breast.mass is None:
+        return 0.0
+    return config.le_lesion_contrast * (1.0 + config.le_uptake_coupling * breast.mass.uptake)
+
+
+def low_energy_image(anatomy: Anatomy, breast: Breast, config: SynthConfig, rng: np.random.Generator) -> np.ndarray:
     """LE intensity (0 = air, ~1 = densest tissue) with its own quantum noise."""
     a = anatomy
     dense = np.maximum(a.glandular, MASS_GLANDULAR_EQUIVALENT * a.mass)
     tissue = a.thickness * (FAT_LEVEL + GLANDULAR_CONTRAST * dense + MUSCLE_CONTRAST * a.muscle)
-    lesion = config.le_lesion_contrast * (a.mass + 0.6 * a.spicules)
+    lesion = lesion_le_contrast(breast, config) * (a.mass + 0.6 * a.spicules)
     signal = tissue + lesion + SKIN_CONTRAST * a.skin
     noise = config.noise_sd * rng.standard_normal(signal.shape, dtype=np.float32)
     return (signal + noise).astype(np.float32)

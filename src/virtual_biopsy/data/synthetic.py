@@ -24,8 +24,10 @@ Physics knobs and their defaults (``params.yaml`` ``synth``; the model is in
 =========================  =======  ==========================================================
 knob                       default  effect
 =========================  =======  ==========================================================
-le_lesion_contrast         0.05     mass attenuation above glandular tissue in LE: visible over
+le_lesion_contrast         0.03     mass attenuation above glandular tissue in LE: visible over
                                     fat, nearly hidden inside dense tissue
+le_uptake_coupling         5.0      LE mass density grows by this times the mass's contrast uptake
+                                    (malignant masses denser, as on real mammograms)
 des_glandular_suppression  0.85     share of glandular/muscle contrast the recombination removes
 bpe_strength               0.25     background parenchymal enhancement on the glandular map,
                                     times a per-breast level (minimal .25 .. marked 1)
@@ -251,7 +253,7 @@ def _write_breast(record: BreastRecord, config: SynthConfig, seed: int, root: Pa
             acquired = when + timedelta(seconds=120 + 480 * late + 60 * (2 * side + v))
             noise_rng = np.random.default_rng([seed, 4, record.patient_index, side, v, int(late)])
             intensities = {
-                "LE": phantom.low_energy_image(anatomy, config, noise_rng),
+                "LE": phantom.low_energy_image(anatomy, record.breast, config, noise_rng),
                 "DES": phantom.recombined_image(anatomy, record.breast, config, late, noise_rng),
             }
             frame_uid = deterministic_uid(UID_ROOT_NAME, seed, record.patient_id, study_id, "frame",
