@@ -10,11 +10,20 @@ if [ ! -d data/raw/images ]; then
 fi
 
 echo "==> Checking data/raw against data.dvc"
-if ! dvc status data.dvc --quiet; then
-  echo "data/raw differs from the version data.dvc records (dvc status data.dvc shows how)." >&2
-  echo "Either restore it (rm -rf data/raw && make demo) or record the new version (dvc add data/raw; see README)." >&2
-  exit 1
-fi
+# On a fresh clone the DVC cache is empty: DVC then says "not in cache" for data whose content
+# matches data.dvc; only "modified" (or "deleted") means the data differ from the recorded version.
+state=$(dvc status data.dvc --json | python -c '
+import json, sys
+changes = json.load(sys.stdin).get("data.dvc", [])
+print(" ".join(sorted({s for c in changes for s in c.get("changed outs", {}).values()})))')
+case "$state" in
+  "") ;;
+  "not in cache") dvc commit -q -f data.dvc ;;   # same content: just put it in the cache
+  *)
+    echo "data/raw differs from the version data.dvc records ($state; dvc status data.dvc shows how)." >&2
+    echo "Either restore it (rm -rf data/raw && make demo) or record the new version (dvc commit -f data.dvc; see README)." >&2
+    exit 1 ;;
+esac
 
 # One parent MLflow run for this pipeline run: every stage's run nests under it.
 VBIOPSY_PARENT_RUN_ID="$(vbiopsy pipeline start)"

@@ -194,6 +194,6 @@ def test_stage_writes_every_report_and_logs_tagged_runs(project: Path, monkeypat
 
 def test_stage_without_predictions_fails_in_one_line_naming_the_file(tmp_path: Path, capsys) -> None:
     (tmp_path / "params.yaml").write_text("classifier: {architectures: [resnet18]}\n")
-    assert stage.main(["--root", str(tmp_path), "--no-tracking"]) == 1
+    assert stage.main(["--root", str(tmp_path), "--no-mlflow"]) == 1
     err = capsys.readouterr().err
     assert "FFDM_CC.csv: no such predictions file" in err and "Traceback" not in err

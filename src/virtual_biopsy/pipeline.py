@@ -38,7 +38,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,27 +312,24 @@ except ImportError:  # pragma: no cover - exercised only where mlflow is absent
     _PythonModel = object
 
 
-with warnings.catch_warnings():
-    # MLflow suggests type hints on predict; they would switch on its own input coercion, while
-    # the explicit signature below already documents and enforces the four string columns.
-    warnings.filterwarnings("ignore", message=".*Add type hints")
+class FusedPipelineModel(_PythonModel):
+    """MLflow pyfunc around :class:`FusedPipeline`: DataFrame of breasts in, OUTPUT_COLUMNS out.
 
-    class FusedPipelineModel(_PythonModel):
-        """MLflow pyfunc around :class:`FusedPipeline`: DataFrame of breasts in, OUTPUT_COLUMNS out.
+    Holds no state when pickled; :meth:`load_context` rebuilds the networks from the bundle
+    artifact, so the logged model contains tensors as data and this class by reference.
+    """
 
-        Holds no state when pickled; :meth:`load_context` rebuilds the networks from the bundle
-        artifact, so the logged model contains tensors as data and this class by reference.
-        """
+    def load_context(self, context) -> None:
+        self.pipeline = load_bundle(context.artifacts[BUNDLE_ARTIFACT])
 
-        def load_context(self, context) -> None:
-            self.pipeline = load_bundle(context.artifacts[BUNDLE_ARTIFACT])
+    # No type hints on purpose: MLflow would switch on its own input coercion (and warns that it
+    # could); the explicit signature (pyfunc_signature) documents and enforces the input columns.
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
 
-        def predict(self, context, model_input, params=None):
-            import pandas as pd
-
-            frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-            predictions = predict_breasts(self.pipeline, breasts_from_frame(frame, self.pipeline.image_size))
-            return pd.DataFrame([p.as_row() for p in predictions], columns=list(OUTPUT_COLUMNS))
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        predictions = predict_breasts(self.pipeline, breasts_from_frame(frame, self.pipeline.image_size))
+        return pd.DataFrame([p.as_row() for p in predictions], columns=list(OUTPUT_COLUMNS))
 
 
 def pyfunc_signature():

@@ -1,6 +1,6 @@
 """DVC stage ``evaluate``: fusion, the paper's settings, robustness sweep, ACR breakdown, figures.
 
-    python -m virtual_biopsy.stages.evaluate [--root .] [--params params.yaml] [--no-tracking]
+    python -m virtual_biopsy.stages.evaluate [--root .] [--params params.yaml] [--no-mlflow]
 
 Reads the classifiers' predictions (``outputs/predictions``) and the generator reports
 (``reports/generator``); writes ``reports/evaluation/*`` (tables as CSV and markdown, figures as
@@ -10,7 +10,6 @@ without MLflow; :func:`log_evaluation` is the only part that talks to the tracki
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,11 @@ import pandas as pd
 
 from virtual_biopsy import evaluation as ev
 from virtual_biopsy.atomic import atomic_path, write_csv, write_json, write_text
-from virtual_biopsy.config import ConfigError, Params, load_params
+from virtual_biopsy.config import ConfigError, Params
 from virtual_biopsy.evaluation import figures
 from virtual_biopsy.evaluation.settings import SETTING_SLUGS, SETTING_SYNTHETIC_SHARE
 from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.stages.common import stage_inputs, stage_parser
 
 STAGE = "evaluate"
 METRIC_NAMES = ("auc", "gmean", "mcc")
@@ -147,24 +147,16 @@ def _log_robustness(run, robustness: pd.DataFrame) -> None:
                 child.log_metrics({f"test_{r['metric']}": r["mean"] for _, r in at_share.iterrows()}, step=int(share))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m virtual_biopsy.stages.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=".", help="project root (default: current directory)")
-    parser.add_argument("--params", default=None, help="params file (default: ROOT/params.yaml)")
-    parser.add_argument("--no-tracking", action="store_true", help="write the reports but log nothing to MLflow")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    root = Path(args.root)
+    args = stage_parser("evaluate", __doc__).parse_args(argv)
     try:
-        params = load_params(args.params or root / "params.yaml")
+        paths, params = stage_inputs(args)
+        root = paths.root
         result = run_evaluation(root, params)
     except (ConfigError, ValueError, OSError) as exc:  # expected bad input: one line, exit code 1
         print(f"evaluate: {exc}", file=sys.stderr)
         return 1
-    if not args.no_tracking:
+    if not args.no_mlflow:
         log_evaluation(result, root, params)
     print(ev.table_a1_markdown(result.table_a1))
     print(f"evaluate: wrote {len(result.files)} files to {result.output_dir} and {result.metrics_file}")

@@ -21,7 +21,6 @@ for inputs that are missing or broken.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import numpy as np
 
 from virtual_biopsy import gate, metrics, pipeline
 from virtual_biopsy.atomic import write_json
-from virtual_biopsy.config import MODALITIES, VIEWS, ConfigError, Params, load_params
+from virtual_biopsy.config import MODALITIES, VIEWS, ConfigError, Params
 from virtual_biopsy.evaluation.predictions import PredictionsError, load_predictions
 from virtual_biopsy.evaluation.settings import (
     SETTING_SLUGS,
@@ -42,6 +41,7 @@ from virtual_biopsy.evaluation.settings import (
 )
 from virtual_biopsy.fusion import fuse
 from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.stages.common import stage_inputs, stage_parser
 from virtual_biopsy.stages.train_classifier import fold_weights_path as classifier_weights_path
 from virtual_biopsy.stages.train_classifier import load_classifier
 from virtual_biopsy.stages.train_generator import load_generator_weights, report_path, serving_weights_path
@@ -242,13 +242,10 @@ def run_gate(paths: ProjectPaths, params: Params) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m virtual_biopsy.stages.{STAGE}", description=__doc__.split("\n")[0])
-    parser.add_argument("--root", default=".", help="project root (default: current directory)")
-    parser.add_argument("--params", default=None, help="params file (default: ROOT/params.yaml)")
+    parser = stage_parser(STAGE, __doc__, mlflow_flag=False)
     args = parser.parse_args(argv)
-    paths = ProjectPaths(Path(args.root))
     try:
-        params = load_params(args.params or paths.root / "params.yaml")
+        paths, params = stage_inputs(args)
         report = run_gate(paths, params)
     except (ConfigError, GateStageError, PredictionsError, FileNotFoundError, ValueError) as exc:
         print(f"{STAGE}: {exc}", file=sys.stderr)

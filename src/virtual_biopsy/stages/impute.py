@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from virtual_biopsy.atomic import atomic_path, write_csv
-from virtual_biopsy.config import ConfigError, Params, load_params
+from virtual_biopsy.config import ConfigError, Params
 from virtual_biopsy.data.layout import MANIFEST_COLUMNS
 from virtual_biopsy.dicom.cesm import SIMULATED_MARK, SYNTHETIC_MARK
 from virtual_biopsy.dicom.read import read_dataset
@@ -47,6 +47,8 @@ from virtual_biopsy.dicom.write import (
     write_dataset,
 )
 from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.stages.common import stage_inputs, stage_parser
+from virtual_biopsy.training.loop import resolve_device
 from virtual_biopsy.stages.train_generator import fold_weights_path, load_generator_weights
 from virtual_biopsy.training.datasets import open_images
 from virtual_biopsy.training.generator_trainer import generate
@@ -251,27 +253,18 @@ def _outputs_stale(paths: ProjectPaths, params: Params) -> bool:
     return any(p.exists() and p.stat().st_mtime > index.stat().st_mtime for p in inputs)
 
 
-def _parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--root", default=".", help="project root (default: current directory)")
-    parser.add_argument("--params", default=None, help="params file (default: ROOT/params.yaml)")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda ...)")
-    parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
-    return parser
-
-
 def _run(args: argparse.Namespace, force: bool) -> int:
-    paths = ProjectPaths(Path(args.root))
     try:
-        params = load_params(args.params or paths.root / "params.yaml")
+        paths, params = stage_inputs(args)
         if force or _outputs_stale(paths, params):
-            index = run_impute(paths, params, args.device)
+            index = run_impute(paths, params, str(resolve_device(args.device or params.generator.device)))
             if not args.no_mlflow:
                 log_to_mlflow(paths, params, index)
             print(f"{STAGE}: {len(index)} synthetic CESM images -> {imputed_images_path(paths)}")
         if getattr(args, "dicom_out", None):
             written = write_synthetic_dicoms(paths, params, Path(args.dicom_out))
             print(f"{STAGE}: {len(written)} synthetic CESM DICOM files under {args.dicom_out}")
-    except (ConfigError, ImputeError, FileNotFoundError, pd.errors.ParserError) as exc:
+    except (ConfigError, ImputeError, FileNotFoundError, ValueError, RuntimeError, pd.errors.ParserError) as exc:
         print(f"{STAGE}: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -279,8 +272,13 @@ def _run(args: argparse.Namespace, force: bool) -> int:
 
 def register(subparsers) -> None:
     """`vbiopsy impute`: run the stage if its outputs are missing or stale, optionally write DICOM."""
-    parser = _parser(subparsers.add_parser(
-        "impute", help="synthetic CESM for every FFDM image (out of fold); --dicom-out writes DICOM"))
+    parser = subparsers.add_parser(
+        "impute", help="synthetic CESM for every FFDM image (out of fold); --dicom-out writes DICOM")
+    parser.add_argument("--root", default=".", help="project root (default: current directory)")
+    parser.add_argument("--params", default=None, help="params file (default: ROOT/params.yaml)")
+    parser.add_argument("--device", default=None,
+                        help="torch device: auto, cpu, cuda ... (default: generator.device in params)")
+    parser.add_argument("--no-mlflow", action="store_true", help="write the outputs but log nothing to MLflow")
     parser.add_argument("--dicom-out", default=None, metavar="DIR",
                         help="write each synthetic image as a DICOM file referencing its LE source")
     parser.add_argument("--force", action="store_true", help="re-impute even if data/imputed is up to date")
@@ -288,8 +286,9 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser(argparse.ArgumentParser(prog=f"python -m virtual_biopsy.stages.{STAGE}",
-                                             description=__doc__.split("\n")[0]))
+    parser = stage_parser(STAGE, __doc__)
+    parser.add_argument("--device", default=None,
+                        help="torch device: auto, cpu, cuda ... (default: generator.device in params)")
     return _run(parser.parse_args(argv), force=True)
 
 

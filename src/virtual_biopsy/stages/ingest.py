@@ -9,13 +9,12 @@ is rejected (the reports are still written, so the reasons are at hand).
 """
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from virtual_biopsy.config import ConfigError, Params, load_params
+from virtual_biopsy.config import ConfigError, Params
 from virtual_biopsy.data.ingest import IngestError, IngestResult, ingest_raw, summary_path, write_outputs
 from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.stages.common import stage_inputs, stage_parser
 
 STAGE = "ingest"
 
@@ -43,14 +42,10 @@ def log_to_mlflow(paths: ProjectPaths, params: Params, result: IngestResult) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m virtual_biopsy.stages.{STAGE}", description=__doc__.split("\n")[0])
-    parser.add_argument("--root", default=".", help="project root (default: current directory)")
-    parser.add_argument("--params", default=None, help="params file (default: ROOT/params.yaml)")
-    parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
+    parser = stage_parser(STAGE, __doc__)
     args = parser.parse_args(argv)
-    paths = ProjectPaths(Path(args.root))
     try:
-        params = load_params(args.params or paths.root / "params.yaml")
+        paths, params = stage_inputs(args)
         result = run_ingest(paths, params)
     except (ConfigError, IngestError) as exc:
         print(f"{STAGE}: {exc}", file=sys.stderr)

@@ -9,16 +9,16 @@ the data cannot be split with both classes in every val and test set.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 from virtual_biopsy.atomic import write_csv, write_json
-from virtual_biopsy.config import ConfigError, Params, load_params
+from virtual_biopsy.config import ConfigError, Params
 from virtual_biopsy.data.splits import FoldCheck, SplitError, check_folds, make_folds
 from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.stages.common import stage_inputs, stage_parser
 
 STAGE = "split"
 
@@ -71,14 +71,10 @@ def log_to_mlflow(paths: ProjectPaths, params: Params, summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m virtual_biopsy.stages.{STAGE}", description=__doc__.split("\n")[0])
-    parser.add_argument("--root", default=".", help="project root (default: current directory)")
-    parser.add_argument("--params", default=None, help="params file (default: ROOT/params.yaml)")
-    parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
+    parser = stage_parser(STAGE, __doc__)
     args = parser.parse_args(argv)
-    paths = ProjectPaths(Path(args.root))
     try:
-        params = load_params(args.params or paths.root / "params.yaml")
+        paths, params = stage_inputs(args)
         summary = run_split(paths, params)
     except (ConfigError, SplitError, FileNotFoundError, pd.errors.ParserError) as exc:
         print(f"{STAGE}: {exc}", file=sys.stderr)

@@ -29,7 +29,6 @@ losses and validation AUC/MCC, best epoch, final val/test metrics, the weights f
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import shutil
 import sys
@@ -52,11 +51,11 @@ from virtual_biopsy.config import (
     ClassifierConfig,
     ConfigError,
     Params,
-    load_params,
 )
 from virtual_biopsy.evaluation.predictions import PREDICTION_COLUMNS, predictions_path
 from virtual_biopsy.models.classifiers import WeightsFileError, build_classifier
 from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.stages.common import stage_inputs, stage_parser
 from virtual_biopsy.training.augment import AffineAugment
 from virtual_biopsy.training.checkpoint import CheckpointError
 from virtual_biopsy.training.classifier_trainer import (
@@ -503,19 +502,15 @@ def run_train_classifier(paths: ProjectPaths, params: Params, arch: str, modalit
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m virtual_biopsy.stages.{STAGE}", description=__doc__.split("\n")[0])
+    parser = stage_parser(STAGE, __doc__)
     parser.add_argument("--arch", required=True, choices=ARCHITECTURES, help="network architecture")
     parser.add_argument("--modality", required=True, choices=MODALITIES, help="FFDM (LE) or CESM (DES)")
     parser.add_argument("--view", required=True, choices=VIEWS, help="mammographic view")
-    parser.add_argument("--root", default=".", help="project root (default: current directory)")
-    parser.add_argument("--params", default=None, help="params file (default: ROOT/params.yaml)")
     parser.add_argument("--device", default=None,
                         help="torch device: auto, cpu, cuda, cuda:1 ... (default: classifier.device in params)")
-    parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging")
     args = parser.parse_args(argv)
-    paths = ProjectPaths(Path(args.root))
     try:
-        params = load_params(args.params or paths.root / "params.yaml")
+        paths, params = stage_inputs(args)
         summary = run_train_classifier(paths, params, args.arch, args.modality, args.view,
                                        args.device or params.classifier.device, use_mlflow=not args.no_mlflow)
         main_process = distributed.is_main_process()

@@ -36,7 +36,6 @@ reports and figures.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -50,9 +49,10 @@ import torch
 
 from virtual_biopsy import metrics
 from virtual_biopsy.atomic import atomic_path, write_json
-from virtual_biopsy.config import ACR_CATEGORIES, VIEWS, ConfigError, GeneratorConfig, Params, load_params
+from virtual_biopsy.config import ACR_CATEGORIES, VIEWS, ConfigError, GeneratorConfig, Params
 from virtual_biopsy.models.cyclegan import ResnetGenerator
 from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.stages.common import stage_inputs, stage_parser
 from virtual_biopsy.training import distributed
 from virtual_biopsy.training.augment import AffineAugment
 from virtual_biopsy.training.checkpoint import CheckpointError
@@ -478,17 +478,13 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m virtual_biopsy.stages.{STAGE}", description=__doc__.split("\n")[0])
+    parser = stage_parser(STAGE, __doc__)
     parser.add_argument("--view", required=True, choices=VIEWS, help="mammographic view")
-    parser.add_argument("--root", default=".", help="project root (default: current directory)")
-    parser.add_argument("--params", default=None, help="params file (default: ROOT/params.yaml)")
     parser.add_argument("--device", default=None,
                         help="torch device: auto, cpu, cuda, cuda:1 ... (default: generator.device in params)")
-    parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow logging and registration")
     args = parser.parse_args(argv)
-    paths = ProjectPaths(Path(args.root))
     try:
-        params = load_params(args.params or paths.root / "params.yaml")
+        paths, params = stage_inputs(args)
         report = run_train_generator(paths, params, args.view, args.device, use_mlflow=not args.no_mlflow)
         main_process = distributed.is_main_process()
     except (ConfigError, GeneratorStageError, FileNotFoundError, pd.errors.ParserError) as exc:

@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -83,7 +82,7 @@ def init_from_env(device: str | torch.device = "cpu", timeout_s: float = 600.0) 
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1 or not dist.is_available():
         return DistributedContext()
-    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
     device = torch.device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
@@ -191,27 +190,6 @@ def global_mean_scale(local_count: float, device: str | torch.device = "cpu") ->
         return 1.0 / local_count
     (total,) = all_reduce_sum([local_count], device)
     return world_size() / total
-
-
-def average_gradients(parameters: Sequence[nn.Parameter]) -> None:
-    """Mean of each gradient over the ranks, in place (what DDP does, for modules it cannot wrap).
-
-    The CycleGAN alternates generator and discriminator steps with the other networks frozen;
-    DDP's reducer expects every wrapped parameter to get a gradient in every backward pass, so
-    those networks average their gradients with this instead.
-    """
-    if not is_distributed():
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def broadcast_parameters(module: nn.Module) -> None:

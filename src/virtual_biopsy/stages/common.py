@@ -1,0 +1,29 @@
+"""What every stage's command line shares: ``--root``, ``--params``, ``--no-mlflow``, and loading.
+
+Each stage is ``python -m virtual_biopsy.stages.NAME`` (DVC and MLproject call it that way) and
+adds its own options (``--view``, ``--arch``, ...) to the parser made here.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from virtual_biopsy.config import Params, load_params
+from virtual_biopsy.paths import ProjectPaths
+
+
+def stage_parser(stage: str, doc: str | None, *, mlflow_flag: bool = True) -> argparse.ArgumentParser:
+    """Parser with the options every stage takes; ``doc``'s first line is the description."""
+    parser = argparse.ArgumentParser(prog=f"python -m virtual_biopsy.stages.{stage}",
+                                     description=(doc or "").strip().split("\n")[0])
+    parser.add_argument("--root", default=".", help="project root (default: current directory)")
+    parser.add_argument("--params", default=None, help="params file (default: ROOT/params.yaml)")
+    if mlflow_flag:
+        parser.add_argument("--no-mlflow", action="store_true", help="write the outputs but log nothing to MLflow")
+    return parser
+
+
+def stage_inputs(args: argparse.Namespace) -> tuple[ProjectPaths, Params]:
+    """The project's paths and its params (``--params`` or ROOT/params.yaml); raises ConfigError."""
+    paths = ProjectPaths(Path(args.root))
+    return paths, load_params(args.params or paths.root / "params.yaml")
