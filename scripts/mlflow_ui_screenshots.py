@@ -103,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     server = start_ui(args.root, port)
     try:
         base = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}"
-        screenshot(chromium, base, out_dir / "runs_all.png")
+        screenshot(chromium, f"{base}/runs", out_dir / "runs_all.png")
         search = urllib.parse.quote(f"tags.setting = '{args.setting}'")
         safe = args.setting.replace("+", "plus").replace("Ĉ", "Chat")
-        screenshot(chromium, f"{base}?searchFilter={search}", out_dir / f"runs_setting_{safe}.png")
+        screenshot(chromium, f"{base}/runs?searchFilter={search}", out_dir / f"runs_setting_{safe}.png")
         ids = json.dumps([run.info.run_id for run in runs])
         compare = (f"http://127.0.0.1:{port}/#/compare-runs?runs={urllib.parse.quote(ids)}"
                    f"&experiments={urllib.parse.quote(json.dumps([experiment_id]))}")

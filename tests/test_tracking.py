@@ -109,3 +109,11 @@ def test_pseudonym_salt_is_never_logged(project):
     for r in client.search_runs([run.experiment_id]):
         assert params.ingest.pseudonym_salt not in r.data.params.values()
     assert client.get_run(run.run_id).data.params["ingest.pseudonym_salt"] == "<redacted>"
+
+
+def test_experiment_is_marked_as_model_training_for_the_ui(project):
+    with tracking.stage_run("ingest", root=project):
+        pass
+    client = tracking.get_client(project)
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT_NAME)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING

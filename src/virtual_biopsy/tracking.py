@@ -36,6 +36,7 @@ EXPERIMENT_NAME = "virtual-biopsy"
 PARENT_RUN_ENV = "VBIOPSY_PARENT_RUN_ID"
 EXPERIMENT_ENV = "VBIOPSY_EXPERIMENT"
 PIPELINE_KEY_TAG = "pipeline_key"
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def _mlflow():
@@ -98,7 +99,9 @@ def experiment_id(client, root: str | Path = ".", name: str | None = None) -> st
         return found.experiment_id
     location = _artifact_location(root)
     try:
-        return client.create_experiment(name, artifact_location=location)
+        # The MLflow 3 UI opens GenAI (tracing) pages for an experiment of unknown kind; this is
+        # model training, so say so and the UI opens on the runs table.
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     except Exception:  # another process created it between our lookup and create
         found = client.get_experiment_by_name(name)
         if found is None:

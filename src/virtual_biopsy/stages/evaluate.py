@@ -126,7 +126,7 @@ def log_evaluation(result: EvaluationResult, root: str | Path, params: Params) -
         run.log_artifacts(result.output_dir, "evaluation")
         run.log_artifact(result.metrics_file)
         for (arch, setting), group in result.fold_scores.groupby(["arch", "setting"], sort=False):
-            with run.child(f"{arch}-{SETTING_SLUGS[setting]}",
+            with run.child(f"{arch} {setting}",
                            tags=_setting_tags(arch, setting, SETTING_SYNTHETIC_SHARE[setting])) as child:
                 values = result.headline[arch][setting]
                 child.log_metrics({f"test_{m}": values.get(m) for m in METRIC_NAMES if values.get(m) is not None}
@@ -141,7 +141,7 @@ def _log_robustness(run, robustness: pd.DataFrame) -> None:
     """One child per architecture and setting of the sweep; the share of synthetic CESM is the step."""
     sweep = robustness[robustness["setting"] != "F"]
     for (arch, setting), group in sweep.groupby(["arch", "setting"], sort=False):
-        with run.child(f"{arch}-{SETTING_SLUGS[setting]}-robustness",
+        with run.child(f"{arch} {setting} robustness",
                        tags=_setting_tags(arch, setting, None) | {"synthetic_share": "0-100"}) as child:
             for share, at_share in group.groupby("share"):
                 child.log_metrics({f"test_{r['metric']}": r["mean"] for _, r in at_share.iterrows()}, step=int(share))
