@@ -17,6 +17,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(git rev-parse --show-toplevel 2>/dev/null) || { echo "retrain.sh: not inside a git repository" >&2; exit 1; }
 cd "$root"
 
+# dvc.yaml's stages run `python -m virtual_biopsy.stages...`: that must be the project's venv.
+[ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
 if [ -z "${DVC:-}" ]; then
   if [ -x .venv/bin/dvc ]; then DVC=.venv/bin/dvc; else DVC=dvc; fi
 fi

@@ -172,3 +172,13 @@ def processed_project(tmp_path_factory) -> Path:
     run_preprocess(paths, params)
     run_split(paths, params)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_run(tmp_path_factory) -> Path:
+    """A tiny project (tests/tiny_pipeline.py) after a real `dvc repro` on the embedded MLflow store."""
+    from tiny_pipeline import make_tiny_project, repro
+
+    root = make_tiny_project(tmp_path_factory.mktemp("e2e") / "project")
+    repro(root)
+    return root

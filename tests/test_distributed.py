@@ -49,7 +49,7 @@ distributed.shutdown()
 '''
 
 # The train_generator stage itself (device from params, no --device flag); afterwards rank 0 writes
-# the per-epoch history of every fold's checkpoint and the stage report.
+# the per-epoch history of every fold (from the stage report) and the report.
 GENERATOR_WORKER = r'''
 import json, os, sys
 from pathlib import Path
@@ -62,9 +62,11 @@ root, out = Path(sys.argv[1]), sys.argv[2]
 assert stage.main(["--view", "CC", "--root", str(root), "--no-mlflow"]) == 0
 if os.environ.get("RANK", "0") == "0":
     paths = ProjectPaths(root)
-    checkpoints = sorted(stage.generator_dir(paths, "CC").glob("checkpoints/fold*/last.pt"))
-    json.dump({"history": [torch.load(c, weights_only=False)["history"] for c in checkpoints],
-               "report": json.loads(stage.report_path(paths, "CC").read_text()),
+    report = json.loads(stage.report_path(paths, "CC").read_text())
+    json.dump({"history": [[{"val/l1": v, "train/loss_g": g}
+                            for v, g in zip(f["val_l1_by_epoch"], f["train_loss_g_by_epoch"])]
+                           for f in report["folds"]],
+               "report": report,
                "world_size": int(os.environ.get("WORLD_SIZE", "1"))}, open(out, "w"))
 '''
 

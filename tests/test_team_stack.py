@@ -251,9 +251,12 @@ def test_retrain_script_pulls_reproduces_diffs_and_pushes(team_stack, tmp_path):
     assert json.loads((repo / "gate.json").read_text()) == {"champion": True}
 
 
-def test_tiny_pipeline_runs_against_the_server_with_artifacts_in_s3(team_stack, tmp_path):  # noqa: F811
+def test_tiny_pipeline_runs_against_the_server_with_artifacts_in_s3(team_stack, tmp_path,  # noqa: F811
+                                                                   tiny_pipeline_run):
     """`dvc repro` of the real pipeline with only MLFLOW_TRACKING_URI pointing at the team stack:
-    stage runs, their artifacts (in the bucket) and the registry aliases are all on the server."""
+    stage runs, their artifacts (in the bucket) and the registry aliases are all on the server.
+    The same tiny project ran on the embedded store too: with the same seed every metric must be
+    identical (determinism, and independence of the tracking backend)."""
     from tiny_pipeline import make_tiny_project, repro
 
     root = make_tiny_project(tmp_path / "project")
@@ -278,3 +281,8 @@ def test_tiny_pipeline_runs_against_the_server_with_artifacts_in_s3(team_stack, 
                          params={"name": "virtual-biopsy-resnet18", "alias": "challenger"}, timeout=30)
     assert alias.status_code == 200, alias.text
     assert alias.json()["model_version"]["version"] == str(decision["version"])
+    for report in ("reports/metrics.json", "reports/generator/CC.json", "reports/generator/MLO.json"):
+        here, there = (json.loads((r / report).read_text()) for r in (root, tiny_pipeline_run))
+        for values in (here, there):
+            values.get("serving", {}).pop("version", None)  # registry versions differ between stores
+        assert here == there, f"{report} differs between two runs with the same seed"

@@ -413,7 +413,10 @@ def summarize(view: str, outcomes: list[FoldOutcome], serving: dict[str, Any]) -
     per_fold = [
         {"fold": o.fold, **{k: o.test[k] for k in (*METRIC_NAMES, *(f"baseline_{m}" for m in METRIC_NAMES))},
          "best_epoch": o.result.best_epoch, "epochs_run": o.result.epochs_run, "val_ssim": o.val_ssim,
-         "test_pairs": len(o.test_pairs)}
+         "test_pairs": len(o.test_pairs),
+         # learning curves (the fold's checkpoints are removed once the stage is done)
+         "val_l1_by_epoch": [h["val/l1"] for h in o.result.history],
+         "train_loss_g_by_epoch": [h["train/loss_g"] for h in o.result.history]}
         for o in outcomes
     ]
     keys = (*METRIC_NAMES, *(f"baseline_{m}" for m in METRIC_NAMES))
