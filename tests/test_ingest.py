@@ -12,7 +12,7 @@ import pytest
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from virtual_biopsy.config import IngestConfig, SynthConfig
+from virtual_biopsy.config import IngestConfig
 from virtual_biopsy.data.ingest import ingest_raw, pseudonymize, rejected_reasons
 from virtual_biopsy.data.layout import MANIFEST_COLUMNS
 from virtual_biopsy.dicom.read import display_window, read_dataset, read_pixels
@@ -21,17 +21,9 @@ from virtual_biopsy.stages import ingest as ingest_stage
 
 
 @pytest.fixture(scope="module")
-def raw_source(request, tmp_path_factory) -> Path:
-    """A tiny simulated raw folder (the shared ``tiny_raw`` fixture when the suite provides it)."""
-    try:
-        tiny = Path(request.getfixturevalue("tiny_raw"))
-        return tiny if (tiny / "metadata.csv").exists() else tiny / "data" / "raw"
-    except pytest.FixtureLookupError:
-        from virtual_biopsy.data.synthetic import synthesize
-
-        raw = tmp_path_factory.mktemp("raw") / "raw"
-        synthesize(raw, SynthConfig(patients=4, image_height=64), seed=7)
-        return raw
+def raw_source(tiny_raw) -> Path:
+    """The suite's tiny simulated raw folder (read only: tests damage copies)."""
+    return tiny_raw
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from virtual_biopsy.config import SynthConfig
 from virtual_biopsy.data.layout import MANIFEST_COLUMNS
 from virtual_biopsy.data.preprocess import (
     BACKGROUND_STRIP,
@@ -27,17 +26,9 @@ SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def raw_source(request, tmp_path_factory) -> Path:
-    """A tiny simulated raw folder (the shared ``tiny_raw`` fixture when the suite provides it)."""
-    try:
-        tiny = Path(request.getfixturevalue("tiny_raw"))
-        return tiny if (tiny / "metadata.csv").exists() else tiny / "data" / "raw"
-    except pytest.FixtureLookupError:
-        from virtual_biopsy.data.synthetic import synthesize
-
-        raw = tmp_path_factory.mktemp("raw") / "raw"
-        synthesize(raw, SynthConfig(patients=4, image_height=64), seed=7)
-        return raw
+def raw_source(tiny_raw) -> Path:
+    """The suite's tiny simulated raw folder (read only: tests damage copies)."""
+    return tiny_raw
 
 
 @pytest.fixture(scope="module")
