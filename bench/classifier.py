@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from throughput import processed_like_array, throughput_parser
 import torch
 
 from virtual_biopsy.models import ARCHITECTURES, build_classifier
@@ -24,24 +25,9 @@ from virtual_biopsy.training.loop import epoch_loader, prepare_module, resolve_d
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps per architecture")
-    parser.add_argument("--warmup-steps", type=int, default=1, help="untimed steps first (allocator, caches)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser = throughput_parser(__doc__, batch_size=16, steps=3, warmup_steps=1)
     parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
-    parser.add_argument("--images", type=Path, help="a processed images.npy to read (default: a temporary one)")
     return parser.parse_args()
-
-
-def processed_like_array(folder: Path, rows: int, size: int) -> Path:
-    """A float32 (rows, size, size) array in [0, 1] saved as .npy, like data/processed/images.npy."""
-    path = folder / "images.npy"
-    np.save(path, np.random.default_rng(0).random((rows, size, size), dtype=np.float32))
-    return path
 
 
 def fresh_step(arch: str, device: torch.device):

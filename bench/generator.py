@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+from throughput import processed_like_array, throughput_parser
 import torch
 
 from virtual_biopsy.config import GeneratorConfig
@@ -25,27 +26,11 @@ from virtual_biopsy.training.loop import epoch_loader, prepare_module, resolve_d
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps per measurement")
-    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (allocator, caches)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser = throughput_parser(__doc__, batch_size=8, steps=10, warmup_steps=2)
     parser.add_argument("--ngf", type=int, default=GeneratorConfig.ngf)
     parser.add_argument("--ndf", type=int, default=GeneratorConfig.ndf)
     parser.add_argument("--n-residual-blocks", type=int, default=GeneratorConfig.n_residual_blocks)
-    parser.add_argument("--images", type=Path, help="a processed images.npy to read (default: a temporary one)")
     return parser.parse_args()
-
-
-def processed_like_array(folder: Path, rows: int, size: int) -> Path:
-    """A float32 (rows, size, size) array in [0, 1] saved as .npy, like data/processed/images.npy."""
-    rng = np.random.default_rng(0)
-    path = folder / "images.npy"
-    np.save(path, rng.random((rows, size, size), dtype=np.float32))
-    return path
 
 
 def measure_interleaved(compute_step, data_step, random_batch, loader_batches, warmup: int, device: torch.device):
