@@ -36,7 +36,7 @@ ui: install  ## open the MLflow UI on the embedded store
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000
 
 bench: install  ## speed and memory benchmarks (bench/)
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	for b in preprocess generator classifier predict gpu_profile; do $(PY) bench/$$b.py || exit 1; done
 
 clean:  ## remove pipeline outputs (keeps data/raw and the venv)
 	rm -rf data/interim data/processed data/splits data/imputed models outputs reports mlruns
