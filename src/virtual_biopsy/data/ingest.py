@@ -14,23 +14,21 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from tqdm import tqdm
 
 from virtual_biopsy.atomic import write_csv, write_json
 from virtual_biopsy.config import ACR_CATEGORIES, LABELS, PHASES, IngestConfig
 from virtual_biopsy.dicom.cesm import UnknownEnergyError, energy_of, is_simulated, is_synthetic
 from virtual_biopsy.dicom.read import DicomReadError, check_pixel_data, display_window, read_dataset
 from virtual_biopsy.data.layout import ENERGY_TO_MODALITY, MANIFEST_COLUMNS, METADATA_COLUMNS, pair_key
+from virtual_biopsy.parallel import map_in_processes
 from virtual_biopsy.paths import ProjectPaths
 
 REJECTED_COLUMNS = ("file", "reason")
@@ -189,14 +187,7 @@ def inspect_file(path: Path, raw_dir: Path, salt: str) -> ImageRecord | Rejected
 def inspect_files(paths: list[Path], raw_dir: Path, salt: str, workers: int) -> Iterator[ImageRecord | RejectedFile]:
     """:func:`inspect_file` over ``paths`` in a process pool of ``workers`` (in-process when 1)."""
     task = functools.partial(inspect_file, raw_dir=raw_dir, salt=salt)
-    bar = functools.partial(tqdm, total=len(paths), desc="ingest", unit="file", disable=None)
-    if workers <= 1 or len(paths) < 2:
-        yield from bar(map(task, paths))
-        return
-    # Chunks amortise inter-process overhead; several per worker keep the bar moving.
-    chunksize = max(1, math.ceil(len(paths) / (workers * 8)))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from bar(pool.map(task, paths, chunksize=chunksize))
+    yield from map_in_processes(task, paths, workers, desc="ingest", unit="file")
 
 
 # --- the table -------------------------------------------------------------------------------

@@ -28,21 +28,19 @@ stays at a few images whatever N is) plus an index table: the manifest columns a
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from virtual_biopsy.atomic import atomic_path, write_csv
 from virtual_biopsy.config import PreprocessConfig
 from virtual_biopsy.data.layout import MANIFEST_COLUMNS
 from virtual_biopsy.dicom.read import DicomReadError, display_window, read_dataset, read_pixels
+from virtual_biopsy.parallel import map_in_processes
 from virtual_biopsy.paths import ProjectPaths
 
 BACKGROUND_STRIP = 0.05  # share of the width, farthest from the chest wall, taken as background
@@ -155,13 +153,7 @@ def read_manifest(path: Path) -> pd.DataFrame:
 def preprocess_images(tasks: list[tuple[Path, str]], size: int, workers: int) -> Iterator[np.ndarray]:
     """Preprocessed images in task order, computed by ``workers`` processes (in-process when 1)."""
     work = functools.partial(_preprocess_task, size=size)
-    bar = functools.partial(tqdm, total=len(tasks), desc="preprocess", unit="image", disable=None)
-    if workers <= 1 or len(tasks) < 2:
-        yield from bar(map(work, tasks))
-        return
-    chunksize = max(1, math.ceil(len(tasks) / (workers * 8)))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from bar(pool.map(work, tasks, chunksize=chunksize))
+    yield from map_in_processes(work, tasks, workers, desc="preprocess", unit="image")
 
 
 def write_processed(manifest: pd.DataFrame, raw_dir: Path, cfg: PreprocessConfig, paths: ProjectPaths) -> dict:
