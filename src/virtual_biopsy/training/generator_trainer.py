@@ -1,7 +1,7 @@
 """CycleGAN training for FFDM (LE, domain A) -> CESM (DES, domain B) imputation (paper 5.2.1).
 
 Losses, as in the paper: least-squares adversarial loss (MSE), L1 cycle consistency weighted by
-``lambda_cycle`` (10) and L1 identity weighted by ``lambda_identity`` (5). Both generators share
+``lambda_cycle`` (10) and L1 identity weighted by ``lambda_identity`` (5; not computed at 0). Both generators share
 one Adam optimiser and both discriminators another (lr, betas (beta1, 0.999), weight decay).
 The data are paired, so validation compares G_AB(LE) with the real DES partner (mean absolute
 error); that loss drives early stopping after the warm-up.
@@ -74,15 +74,19 @@ class CycleGANLoss:
             nets["discriminator_a"](fake_a), True
         )
         cycle = F.l1_loss(g_ba(fake_b).float(), real_a) + F.l1_loss(g_ab(fake_a).float(), real_b)
-        identity = F.l1_loss(g_ab(real_b).float(), real_b) + F.l1_loss(g_ba(real_a).float(), real_a)
+        terms = {"adversarial": adversarial, "cycle": cycle}
+        total = adversarial + self.lambda_cycle * cycle
+        if self.lambda_identity > 0:
+            # two of the six generator passes of a step: skipped, not multiplied by 0, when unused
+            identity = F.l1_loss(g_ab(real_b).float(), real_b) + F.l1_loss(g_ba(real_a).float(), real_a)
+            terms["identity"] = identity
+            total = total + self.lambda_identity * identity
         # The data are paired (paper 5.2.1: losses "directly comparing the synthesized CESM images
         # with the corresponding real CESM images"), so G_AB(LE) is also pulled towards its own
         # DES partner; lambda_paired = 0 gives the unpaired CycleGAN objective.
         paired = F.l1_loss(fake_b.float(), real_b)
-        total = (adversarial + self.lambda_cycle * cycle + self.lambda_identity * identity
-                 + self.lambda_paired * paired)
-        terms = {"adversarial": adversarial, "cycle": cycle, "identity": identity, "paired": paired}
-        return total, terms, fake_a, fake_b
+        terms["paired"] = paired
+        return total + self.lambda_paired * paired, terms, fake_a, fake_b
 
     def discriminator_loss(
         self, discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor
@@ -169,7 +173,8 @@ def train_cyclegan(
     Resumes from ``checkpoint_dir`` when it holds a checkpoint of the same run (same cfg, seed and
     data sizes); a finished run is returned again without training. ``on_epoch_end`` follows the
     contract in ``training.loop`` (metrics ``train/loss_g``, ``train/loss_d``,
-    ``train/adversarial``, ``train/cycle``, ``train/identity``, ``val/l1``, ``lr``).
+    ``train/adversarial``, ``train/cycle``, ``train/paired``, ``train/identity`` (only when
+    ``lambda_identity`` > 0), ``val/l1``, ``lr``).
 
     Under ``torchrun`` every rank trains its share of each global batch of ``cfg.batch_size``, all
     four networks in DistributedDataParallel (``training.distributed``); only rank 0 checkpoints
