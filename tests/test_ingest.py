@@ -10,12 +10,13 @@ import pandas as pd
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels import apply_modality_lut
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from virtual_biopsy.config import IngestConfig
 from virtual_biopsy.data.ingest import ingest_raw, pseudonymize, rejected_reasons
 from virtual_biopsy.data.layout import MANIFEST_COLUMNS
-from virtual_biopsy.dicom.read import display_window, read_dataset, read_pixels
+from virtual_biopsy.dicom.read import DicomReadError, display_window, presentation_range, read_dataset, read_pixels
 from virtual_biopsy.paths import ProjectPaths
 from virtual_biopsy.stages import ingest as ingest_stage
 
@@ -85,6 +86,51 @@ def test_rescale_slope_and_intercept_are_applied(raw_source):
     stored = ds.pixel_array.astype(np.float32)
     ds.RescaleSlope, ds.RescaleIntercept = 2, -100
     np.testing.assert_allclose(read_pixels(ds), 2 * stored - 100)
+
+
+def _as_pydicom_reads_it(ds: pydicom.Dataset) -> np.ndarray:
+    """read_pixels as it was before its native fast path: pydicom's decoder and modality LUT."""
+    pixels = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        lo, hi = presentation_range(ds)
+        pixels = np.float32(lo + hi) - pixels
+    return pixels
+
+
+def _signed_with_dirty_high_bits(ds: pydicom.Dataset) -> None:
+    values = ds.pixel_array.astype(np.int16) - 2048  # 12-bit signed
+    values.flat[::7] |= np.int16(0x7000)  # garbage in the 4 unused bits of some pixels
+    ds.PixelRepresentation, ds.PixelData = 1, values.astype("<i2").tobytes()
+
+
+def _eight_bit(ds: pydicom.Dataset) -> None:
+    ds.PixelData = (ds.pixel_array >> 4).astype(np.uint8).tobytes()
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda ds: None,
+        lambda ds: setattr(ds, "PixelData", (np.frombuffer(ds.PixelData, "<u2") | 0xF000).astype("<u2").tobytes()),
+        _signed_with_dirty_high_bits,
+        _eight_bit,
+        lambda ds: (setattr(ds, "RescaleSlope", 0.7), setattr(ds, "RescaleIntercept", -3.5)),
+        lambda ds: setattr(ds, "PhotometricInterpretation", "MONOCHROME1"),
+    ],
+    ids=["plain", "dirty-unused-bits", "signed", "8-bit", "rescale", "monochrome1"],
+)
+def test_native_pixels_read_exactly_as_pydicom_decodes_them(raw_source, edit):
+    ds = read_dataset(_files(raw_source, "*LOW_ENERGY.dcm")[0])
+    edit(ds)
+    np.testing.assert_array_equal(read_pixels(ds), _as_pydicom_reads_it(ds))
+
+
+def test_short_native_pixel_data_is_corrupt(raw_source):
+    ds = read_dataset(_files(raw_source, "*LOW_ENERGY.dcm")[0])
+    ds.PixelData = ds.PixelData[:100]
+    with pytest.raises(DicomReadError, match="corrupt pixel data"):
+        read_pixels(ds)
 
 
 def test_display_window_falls_back_to_full_stored_range(raw_source):

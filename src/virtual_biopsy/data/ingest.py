@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -213,7 +214,7 @@ def _age(value: str, fallback: int | None) -> int | None:
         return fallback
 
 
-def join_metadata(record: ImageRecord, row: pd.Series | None, salt: str) -> dict | RejectedFile:
+def join_metadata(record: ImageRecord, row: Mapping[str, str] | None, salt: str) -> dict | RejectedFile:
     """A manifest row for ``record`` with the label, ACR, phase and age from its metadata row."""
     def reject(kind: str, reason: str) -> RejectedFile:
         return RejectedFile(record.source_path, kind, reason)
@@ -233,7 +234,7 @@ def join_metadata(record: ImageRecord, row: pd.Series | None, salt: str) -> dict
         return reject("metadata", "no patient id in the DICOM (PatientID) or metadata.csv")
     # Without a StudyInstanceUID the site's study id names the study only within its patient.
     study = record.study_key or pseudonymize(f"{original_patient}|{row['study_id'].strip()}", salt)
-    values = asdict(record)
+    values = dict(vars(record))  # the record's fields (all scalars: no need for asdict's deep copy)
     values.update(
         patient_id=patient,
         study_id=study,
@@ -281,11 +282,22 @@ def pair_images(rows: list[dict]) -> tuple[list[dict], list[RejectedFile]]:
     return kept, rejected
 
 
+def _files_under(folder: Path) -> Iterator[Path]:
+    """Files under ``folder`` as ``rglob("*")`` + ``is_file()`` finds them (symlinked folders are
+    not entered), from one ``scandir`` per folder instead of a ``stat`` per file."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield from _files_under(Path(entry.path))
+            elif entry.is_file():
+                yield Path(entry.path)
+
+
 def list_raw_files(images_dir: Path) -> list[Path]:
     """Every file under ``images_dir`` (recursively, sorted): each becomes a row of one table."""
     if not images_dir.is_dir():
         raise IngestError(f"{images_dir}: raw images folder not found")
-    files = sorted(p for p in images_dir.rglob("*") if p.is_file())
+    files = sorted(_files_under(images_dir))
     if not files:
         raise IngestError(f"{images_dir}: no files to ingest")
     return files
@@ -318,14 +330,20 @@ def ingest_raw(raw_dir: Path, cfg: IngestConfig) -> IngestResult:
     files = list_raw_files(raw_dir / "images")
     records: list[ImageRecord] = []
     rejected: list[RejectedFile] = []
+    seen: set[str] = set()  # every file's path relative to raw_dir, as its record or rejection names it
     for outcome in inspect_files(files, raw_dir, cfg.pseudonym_salt, cfg.workers):
-        (rejected if isinstance(outcome, RejectedFile) else records).append(outcome)
+        if isinstance(outcome, RejectedFile):
+            rejected.append(outcome)
+            seen.add(outcome.file)
+        else:
+            records.append(outcome)
+            seen.add(outcome.source_path)
     records, duplicates = drop_duplicates(records)
     rejected += duplicates
     rows: list[dict] = []
+    metadata_rows = metadata.to_dict("index")  # {file: {column: value}}; far cheaper than .loc per file
     for record in records:
-        row = metadata.loc[record.source_path] if record.source_path in metadata.index else None
-        joined = join_metadata(record, row, cfg.pseudonym_salt)
+        joined = join_metadata(record, metadata_rows.get(record.source_path), cfg.pseudonym_salt)
         (rejected if isinstance(joined, RejectedFile) else rows).append(joined)
     if cfg.require_pairs:
         rows, unpaired = pair_images(rows)
@@ -334,7 +352,6 @@ def ingest_raw(raw_dir: Path, cfg: IngestConfig) -> IngestResult:
     manifest["age"] = manifest["age"].astype("Int64")
     rejected.sort(key=lambda r: r.file)
     report = pd.DataFrame([(r.file, r.reason) for r in rejected], columns=list(REJECTED_COLUMNS))
-    seen = {f.relative_to(raw_dir).as_posix() for f in files}
     unused = int((~metadata.index.isin(list(seen))).sum())
     return IngestResult(manifest, report, _summary(len(files), manifest, rejected, unused))
 

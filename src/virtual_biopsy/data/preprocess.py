@@ -22,14 +22,15 @@ Per image, in this order (:func:`preprocess_pixels`):
 4. **Normalise** -- min-max of the clipped image to [0, 1] (a constant image becomes all zeros).
 5. **Resize** to ``size x size`` with an anti-aliased (scaled-support triangle) filter.
 
-All images go into one ``float32 (N, size, size)`` ``.npy`` written through ``open_memmap`` (memory
+All images go into one ``float32 (N, size, size)`` ``.npy`` (created with ``open_memmap``; each worker
+writes its rows straight into the file, so images are not sent back to the main process and memory
 stays at a few images whatever N is) plus an index table: the manifest columns and ``row``.
 """
 from __future__ import annotations
 
 import functools
+import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -77,23 +78,41 @@ def background_value(pixels: np.ndarray) -> float:
 
 
 def pad_to_square(pixels: np.ndarray, value: float) -> np.ndarray:
-    """Pad with ``value`` to a square: columns on the left, or rows split top/bottom."""
+    """Pad with ``value`` to a square: columns on the left, or rows split top/bottom.
+
+    Returns a new array of the same dtype (the image copied into place, the padding filled).
+    """
     rows, cols = pixels.shape
+    side = max(rows, cols)
+    square = np.empty((side, side), dtype=pixels.dtype)
     if rows > cols:
-        widths = ((0, 0), (rows - cols, 0))
+        square[:, : side - cols] = value
+        square[:, side - cols:] = pixels
     else:
-        extra = cols - rows
-        widths = ((extra // 2, extra - extra // 2), (0, 0))
-    return np.pad(pixels, widths, mode="constant", constant_values=value)
+        top = (side - rows) // 2
+        square[:top] = value
+        square[top + rows:] = value
+        square[top: top + rows] = pixels
+    return square
 
 
-def contrast_stretch(pixels: np.ndarray, center: float, width: float) -> np.ndarray:
-    """Clip to ``center +- width/2`` and min-max normalise to [0, 1] (all zeros when constant)."""
-    clipped = np.clip(pixels, center - width / 2.0, center + width / 2.0)
+def contrast_stretch(pixels: np.ndarray, center: float, width: float, *, in_place: bool = False) -> np.ndarray:
+    """Clip to ``center +- width/2`` and min-max normalise to [0, 1] (all zeros when constant).
+
+    ``in_place=True`` (float32 input) overwrites ``pixels`` instead of allocating a new image; the
+    values are the same either way.
+    """
+    out = pixels if in_place and pixels.dtype == np.float32 else None
+    clipped = np.clip(pixels, center - width / 2.0, center + width / 2.0, out=out)
     low, high = float(clipped.min()), float(clipped.max())
     if high <= low:
+        if out is not None:
+            out.fill(0.0)
+            return out
         return np.zeros_like(clipped, dtype=np.float32)
-    return ((clipped - low) / (high - low)).astype(np.float32)
+    np.subtract(clipped, low, out=clipped)
+    np.divide(clipped, high - low, out=clipped)
+    return clipped.astype(np.float32, copy=False)
 
 
 def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -112,8 +131,8 @@ def preprocess_pixels(pixels: np.ndarray, center: float, width: float, chest_wal
                       size: int) -> np.ndarray:
     """Paper 4.1 on one presentation-space image: orient, pad, stretch, normalise, resize."""
     oriented = orient(pixels, chest_wall_left)
-    square = pad_to_square(oriented, background_value(oriented))
-    return resize_square(contrast_stretch(square, center, width), size)
+    square = pad_to_square(oriented, background_value(oriented))  # a fresh array: stretch it in place
+    return resize_square(contrast_stretch(square, center, width, in_place=True), size)
 
 
 def preprocess_dataset(ds, laterality: str, size: int) -> np.ndarray:
@@ -123,7 +142,7 @@ def preprocess_dataset(ds, laterality: str, size: int) -> np.ndarray:
     return preprocess_pixels(pixels, center, width, chest_wall_on_left(ds.get("PatientOrientation"), laterality), size)
 
 
-def preprocess_file(path: Path, laterality: str, size: int) -> np.ndarray:
+def preprocess_file(path: str | Path, laterality: str, size: int) -> np.ndarray:
     """Read one DICOM and preprocess it; errors name the file."""
     try:
         return preprocess_dataset(read_dataset(path), laterality, size)
@@ -131,8 +150,25 @@ def preprocess_file(path: Path, laterality: str, size: int) -> np.ndarray:
         raise PreprocessError(f"{path}: {exc}") from exc
 
 
-def _preprocess_task(task: tuple[Path, str], size: int) -> np.ndarray:
-    return preprocess_file(task[0], task[1], size)
+def write_row(path: str, offset: int, image: np.ndarray) -> None:
+    """Write ``image``'s bytes into the file at ``path`` at byte ``offset`` (the file exists)."""
+    data = memoryview(np.ascontiguousarray(image)).cast("B")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        while data:
+            written = os.pwrite(fd, data, offset)
+            data, offset = data[written:], offset + written
+    finally:
+        os.close(fd)
+
+
+def _preprocess_into(task: tuple[int, str, str], size: int, out: str, offset: int) -> None:
+    """Preprocess task ``(row, path, laterality)`` and write it as row ``row`` of the array in ``out``."""
+    row, path, laterality = task
+    image = preprocess_file(path, laterality, size).astype(np.float32, copy=False)
+    if image.shape != (size, size):  # a wrong-sized row would overwrite its neighbours
+        raise PreprocessError(f"{path}: preprocessed to shape {image.shape}, not {(size, size)}")
+    write_row(out, offset + row * image.nbytes, image)
 
 
 # --- the whole manifest ------------------------------------------------------------------------
@@ -150,24 +186,27 @@ def read_manifest(path: Path) -> pd.DataFrame:
     return manifest
 
 
-def preprocess_images(tasks: list[tuple[Path, str]], size: int, workers: int) -> Iterator[np.ndarray]:
-    """Preprocessed images in task order, computed by ``workers`` processes (in-process when 1)."""
-    work = functools.partial(_preprocess_task, size=size)
-    yield from map_in_processes(work, tasks, workers, desc="preprocess", unit="image")
+def preprocess_into(tasks: list[tuple[str, str]], size: int, workers: int, out: Path, offset: int) -> None:
+    """Preprocess ``(path, laterality)`` tasks into rows ``0..N-1`` of the float32 ``(N, size, size)``
+    array stored in ``out`` from byte ``offset`` on, by ``workers`` processes (in-process when 1)."""
+    work = functools.partial(_preprocess_into, size=size, out=os.fspath(out), offset=offset)
+    for _ in map_in_processes(work, [(row, *task) for row, task in enumerate(tasks)], workers,
+                              desc="preprocess", unit="image"):
+        pass
 
 
 def write_processed(manifest: pd.DataFrame, raw_dir: Path, cfg: PreprocessConfig, paths: ProjectPaths) -> dict:
     """Write ``images.npy`` and ``index.csv`` for every manifest row; return counts and timing."""
     started = time.perf_counter()
     size = cfg.image_size
-    tasks = [(Path(raw_dir) / rel, lat) for rel, lat in zip(manifest["source_path"], manifest["laterality"])]
+    tasks = [(os.path.join(raw_dir, rel), lat) for rel, lat in zip(manifest["source_path"], manifest["laterality"])]
     index = manifest[list(MANIFEST_COLUMNS)].assign(row=range(len(manifest)))
     with atomic_path(paths.processed_images, suffix=".npy") as tmp_images:
+        # The header and the file at its full size; the workers write the rows into it.
         array = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.float32, shape=(len(tasks), size, size))
-        for row, image in enumerate(preprocess_images(tasks, size, cfg.workers)):
-            array[row] = image
-        array.flush()
-        del array  # close the map before the file is renamed into place
+        offset = array.offset
+        del array
+        preprocess_into(tasks, size, cfg.workers, tmp_images, offset)
         write_csv(paths.processed_index, index)
     seconds = time.perf_counter() - started
     return {"images": len(tasks), "image_size": size, "seconds": round(seconds, 3),

@@ -19,6 +19,7 @@ import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
 from pydicom.pixels.utils import get_expected_length
@@ -39,29 +40,32 @@ def read_dataset(path: str | Path) -> Dataset:
     """Read a DICOM Part 10 file (header and pixel data); raise on a non-DICOM or truncated file.
 
     ``pydicom.errors.InvalidDicomError`` (no DICM preamble / File Meta) propagates unchanged so the
-    caller can tell "not DICOM" from other failures.
+    caller can tell "not DICOM" from other failures. The file is read in one call and parsed from
+    memory (pydicom otherwise issues a read per element); ``ds.filename`` is the path as usual.
     """
-    ds = pydicom.dcmread(path)
-    check_complete(ds, path)
+    data = Path(path).read_bytes()
+    ds = pydicom.dcmread(DicomBytesIO(data))
+    ds.filename = os.fspath(path)
+    check_complete(ds, len(data))
     return ds
 
 
-def check_complete(ds: Dataset, path: str | Path) -> None:
+def check_complete(ds: Dataset, size: int | str | Path) -> None:
     """Raise :class:`TruncatedFileError` when a top-level element runs past the end of the file.
 
-    Elements still held raw (pydicom converts lazily) remember where their value starts
-    (``value_tell``) and how long the header says it is; a value that would end after the last byte
-    of the file means the file was cut short.
+    ``size`` is the file's size in bytes, or its path. Elements still held raw (pydicom converts
+    lazily) remember where their value starts (``value_tell``) and how long the header says it is;
+    a value that would end after the last byte of the file means the file was cut short.
     """
-    size = os.path.getsize(path)
-    for tag in ds.keys():
-        raw = ds.get_item(tag)
+    if not isinstance(size, int):
+        size = os.path.getsize(size)
+    for raw in ds.values():  # the elements as stored: converted ones are DataElement, skipped
         if not isinstance(raw, RawDataElement) or raw.length == _UNDEFINED_LENGTH:
             continue
         end = raw.value_tell + raw.length
         if end > size:
             raise TruncatedFileError(
-                f"truncated file: element {tag} declares {raw.length} bytes ending at byte {end}, "
+                f"truncated file: element {raw.tag} declares {raw.length} bytes ending at byte {end}, "
                 f"but the file has only {size} bytes"
             )
 
@@ -77,8 +81,26 @@ def stored_value_range(ds: Dataset) -> tuple[int, int]:
 def presentation_range(ds: Dataset) -> tuple[float, float]:
     """The stored-value range mapped through the modality LUT: the span MONOCHROME1 mirrors over."""
     lo, hi = stored_value_range(ds)
+    rescale = _rescale(ds)
+    if rescale is not None:  # what apply_modality_lut computes, without an array round trip
+        slope, intercept = rescale
+        ends = (lo * slope + intercept, hi * slope + intercept)
+        return float(min(ends)), float(max(ends))
     ends = np.asarray(apply_modality_lut(np.array([lo, hi]), ds), dtype=np.float64)
     return float(ends.min()), float(ends.max())
+
+
+def _rescale(ds: Dataset) -> tuple[float, float] | None:
+    """``(slope, intercept)`` when the modality LUT is a rescale (or nothing: ``(1, 0)``); None for a
+    Modality LUT Sequence or anything :func:`apply_modality_lut` should judge itself."""
+    if ds.get("ModalityLUTSequence"):
+        return None
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        slope, intercept = ds.RescaleSlope, ds.RescaleIntercept
+        if isinstance(slope, (int, float)) and isinstance(intercept, (int, float)):
+            return float(slope), float(intercept)
+        return None
+    return 1.0, 0.0
 
 
 def _photometric(ds: Dataset) -> str:
@@ -88,6 +110,54 @@ def _photometric(ds: Dataset) -> str:
             f"PhotometricInterpretation {photometric or 'missing'!r} is not MONOCHROME1 or MONOCHROME2"
         )
     return photometric
+
+
+# (BitsAllocated, PixelRepresentation) -> little-endian dtype of native (uncompressed) pixel data
+_NATIVE_DTYPES = {(8, 0): "<u1", (8, 1): "<i1", (16, 0): "<u2", (16, 1): "<i2", (32, 0): "<u4", (32, 1): "<i4"}
+
+
+def _native_frame(ds: Dataset) -> np.ndarray | None:
+    """Stored values of one little-endian native grey-scale frame, exactly as ``ds.pixel_array``.
+
+    Native pixel data is the values themselves, so this is a read-only view on ``ds.PixelData``
+    (unused high bits are cleared as pydicom does, on a copy, only when some pixel has them set).
+    It skips pydicom's decoder set-up, which costs about as much as parsing the whole header of a
+    small image. Returns None for anything else (compressed, big endian, several frames or
+    samples, unusual bit depths, short pixel data, unreadable attributes): :func:`read_pixels`
+    then asks pydicom, which also words the errors.
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or syntax.is_encapsulated or not syntax.is_little_endian:
+        return None
+    try:
+        if int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+            return None
+        allocated = int(ds.get("BitsAllocated") or 0)
+        signed = int(ds.get("PixelRepresentation", 0) or 0)
+        stored_bits = int(ds.get("BitsStored") or allocated)
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    dtype = _NATIVE_DTYPES.get((allocated, signed))
+    data = ds.PixelData
+    if (dtype is None or not 0 < stored_bits <= allocated or rows < 1 or columns < 1
+            or not isinstance(data, bytes) or len(data) < rows * columns * allocated // 8):
+        return None
+    stored = np.frombuffer(data, dtype=dtype, count=rows * columns).reshape(rows, columns)
+    if stored_bits < allocated:
+        lo, hi = stored_value_range(ds)
+        if stored.max() > hi or (signed and stored.min() < lo):
+            shift = allocated - stored_bits  # pydicom's correct_unused_bits
+            stored = np.right_shift(np.left_shift(stored, shift), shift)
+    return stored
+
+
+def _modality_lut_float32(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """``apply_modality_lut(stored, ds)`` as float32, without pydicom's float64 copy when it is identity."""
+    if _rescale(ds) == (1.0, 0.0):
+        return stored.astype(np.float32)
+    return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
 
 
 def read_pixels(source: str | Path | Dataset) -> np.ndarray:
@@ -102,13 +172,15 @@ def read_pixels(source: str | Path | Dataset) -> np.ndarray:
     photometric = _photometric(ds)
     if "PixelData" not in ds:
         raise DicomReadError("no pixel data")
-    try:
-        stored = ds.pixel_array
-    except Exception as exc:  # every decoder plugin raises its own type; the message is the reason
-        raise DicomReadError(f"corrupt pixel data: {exc}") from exc
+    stored = _native_frame(ds)
+    if stored is None:
+        try:
+            stored = ds.pixel_array
+        except Exception as exc:  # every decoder plugin raises its own type; the message is the reason
+            raise DicomReadError(f"corrupt pixel data: {exc}") from exc
     if stored.ndim != 2:
         raise DicomReadError(f"expected one grey-scale frame, got pixel array of shape {stored.shape}")
-    pixels = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    pixels = _modality_lut_float32(stored, ds)
     if photometric == "MONOCHROME1":
         lo, hi = presentation_range(ds)
         pixels = np.float32(lo + hi) - pixels
