@@ -1,8 +1,9 @@
 """CycleGAN training for FFDM (LE, domain A) -> CESM (DES, domain B) imputation (paper 5.2.1).
 
 Losses, as in the paper: least-squares adversarial loss (MSE), L1 cycle consistency weighted by
-``lambda_cycle`` (10) and L1 identity weighted by ``lambda_identity`` (5; not computed at 0). Both generators share
-one Adam optimiser and both discriminators another (lr, betas (beta1, 0.999), weight decay).
+``lambda_cycle`` (10) and L1 identity weighted by ``lambda_identity`` (5; not computed at 0).
+Both generators share one Adam optimiser and both discriminators another (lr, betas
+(beta1, 0.999), weight decay).
 The data are paired, so validation compares G_AB(LE) with the real DES partner (mean absolute
 error); that loss drives early stopping after the warm-up.
 
