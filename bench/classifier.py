@@ -1,21 +1,22 @@
 """Benchmark: classifier training throughput through the real data path vs. random tensors.
 
 For each architecture: memory-mapped processed array -> LabelledImageDataset (affine
-augmentation) -> DataLoader -> one cross-entropy update, against the same update on a batch
-already in memory. One step of each is timed in turn, so both see the same machine load. The
-ratio says how much the input pipeline costs (target: >= 0.9).
+augmentation) -> DataLoader (epoch_loader) -> one cross-entropy update (train_step), as the
+train_classifier stage runs them, against the same update of a twin model (same seed) on a
+batch already in memory. One step of each is timed in turn (alternating which goes first), so
+both see the same machine load; the ratio (median over the paired steps) says how much the
+input pipeline costs (target: >= 0.9).
 
-    .venv/bin/python bench/classifier.py --image-size 64 --batch-size 16 --steps 3
+    .venv/bin/python bench/classifier.py --image-size 64 --batch-size 16 --steps 10
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from throughput import processed_like_array, throughput_parser
+from throughput import Interleaved, measure_interleaved, processed_like_array, throughput_parser
 import torch
 
 from virtual_biopsy.models import ARCHITECTURES, build_classifier
@@ -25,7 +26,7 @@ from virtual_biopsy.training.loop import epoch_loader, prepare_module, resolve_d
 
 
 def parse_args() -> argparse.Namespace:
-    parser = throughput_parser(__doc__, batch_size=16, steps=3, warmup_steps=1)
+    parser = throughput_parser(__doc__, batch_size=16, steps=10, warmup_steps=2)
     parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
     return parser.parse_args()
 
@@ -36,28 +37,25 @@ def fresh_step(arch: str, device: torch.device):
     return lambda images, labels: train_step(model, optimiser, images, labels, device)
 
 
-def bench_architecture(arch: str, dataset: LabelledImageDataset, args: argparse.Namespace, device: torch.device):
-    """(data path, random tensors) images/s for one architecture, steps timed alternately."""
-    data_step, compute_step = fresh_step(arch, device), fresh_step(arch, device)
+def bench_architecture(arch: str, dataset: LabelledImageDataset, args: argparse.Namespace,
+                       device: torch.device) -> Interleaved:
+    """Paired step timings of the data path and of random tensors for one architecture."""
+    data_update, random_update = fresh_step(arch, device), fresh_step(arch, device)
     size = dataset.images.shape[1]
     random_images = torch.rand(args.batch_size, 1, size, size)
     random_labels = torch.randint(0, 2, (args.batch_size,))
     loader = iter(epoch_loader(dataset, args.batch_size, seed=0, epoch=0, shuffle=True, num_workers=args.workers))
-    data_time = random_time = 0.0
-    images = 0
-    for index in range(args.warmup_steps + args.steps):
-        start = time.perf_counter()
-        batch, labels = next(loader)
-        data_step(to_device(batch, device), labels.to(device))
-        _synchronise(device)
-        middle = time.perf_counter()
-        compute_step(to_device(random_images, device), random_labels.to(device))
-        _synchronise(device)
-        if index >= args.warmup_steps:
-            data_time += middle - start
-            random_time += time.perf_counter() - middle
-            images += len(labels)
-    return images / data_time, images / random_time
+
+    def train(update):
+        def step(batch) -> int:
+            images, labels = batch
+            update(to_device(images, device), labels.to(device))
+            return len(labels)
+        return step
+
+    return measure_interleaved(lambda: next(loader), train(data_update), train(random_update),
+                               (random_images, random_labels), args.steps, args.warmup_steps,
+                               lambda: _synchronise(device))
 
 
 def _synchronise(device: torch.device) -> None:
@@ -76,11 +74,10 @@ def main() -> None:
         labels = np.arange(len(images)) % 2
         dataset = LabelledImageDataset(images, np.arange(len(images)), labels, augment=AffineAugment())
         for arch in args.architectures:
-            data_path, compute_only = bench_architecture(arch, dataset, args, device)
+            timings = bench_architecture(arch, dataset, args, device)
             print(
                 f"{arch} {images.shape[1]}px batch {args.batch_size} on {device} ({torch.get_num_threads()} threads): "
-                f"data path {data_path:.1f} img/s, random tensors {compute_only:.1f} img/s, "
-                f"ratio {data_path / compute_only:.2f}",
+                f"{timings.summary()}",
                 flush=True,
             )
 

@@ -108,6 +108,35 @@ def test_augmentation_draws_depend_only_on_seed_epoch_and_item(images):
     assert not torch.equal(other_epoch, first)
 
 
+def test_augmentation_warps_on_one_thread_with_the_values_of_a_threaded_warp(monkeypatch):
+    """Per-sample warps run single-threaded (threaded tiny ops stall on a busy 2-core machine),
+    restore the thread count after, and give bit for bit the values torch's threaded ops give."""
+    from torch.nn import functional as F
+
+    from virtual_biopsy.training import augment
+
+    image = torch.rand(2, 64, 64)
+    matrix = AffineAugment().sample_matrix(torch.Generator().manual_seed(3))
+    torch.set_num_threads(2)  # the module fixture's 1 is restored at its end
+    threaded_grid = F.affine_grid(matrix[None], [1, 2, 64, 64], align_corners=False)
+    threaded = F.grid_sample(image[None], threaded_grid, align_corners=False)[0].clamp(0.0, 1.0)
+    seen = []
+    real_affine_grid = F.affine_grid
+
+    def recording_affine_grid(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_affine_grid(*args, **kwargs)
+
+    monkeypatch.setattr(augment.F, "affine_grid", recording_affine_grid)
+    try:
+        warped = augment.apply_affine(image, matrix)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [1] and after == 2
+    assert torch.equal(warped, threaded)
+
+
 # --- datasets -------------------------------------------------------------------------------
 
 
