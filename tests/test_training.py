@@ -221,7 +221,7 @@ def test_cyclegan_loss_adds_the_weighted_terms():
 def test_cyclegan_training_step_lowers_reconstruction_loss_on_a_fixed_batch(images):
     torch.manual_seed(0)
     nets = generator_trainer.build_cyclegan(TINY_GAN, seed=0)
-    loss = CycleGANLoss(TINY_GAN.lambda_cycle, TINY_GAN.lambda_identity)
+    loss = CycleGANLoss(TINY_GAN.lambda_cycle, lambda_identity=5.0)
     opt_g, opt_d = generator_trainer._optimisers(nets, TINY_GAN)
     real_a, real_b = next(iter(torch.utils.data.DataLoader(paired(images, range(4)), batch_size=4)))
 
