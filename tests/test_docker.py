@@ -112,7 +112,7 @@ def test_published_ports_bind_loopback_by_default(compose):
 
 def _makefile_install_line() -> str:
     makefile = (REPO / "Makefile").read_text()
-    line = next(l for l in makefile.splitlines() if "pip install" in l and "$(CONSTRAINTS)" in l)
+    line = next(row for row in makefile.splitlines() if "pip install" in row and "$(CONSTRAINTS)" in row)
     return line.strip()
 
 
