@@ -116,3 +116,7 @@ def test_gate_stage_promotes_then_records_a_rejection_and_rollback_restores(fuse
     assert vbiopsy(["registry", "status", "--root", root]) == 0
     status = capsys.readouterr().out
     assert "@champion   v1  gate: promoted" in status and "@challenger v3  gate: rejected" in status
+    # each alias's version is followed by its checks, the failed one with its value and threshold
+    report_v3 = status.split("gate report v3:")[1]
+    assert "split_leakage" in report_v3 and "fail (value 3, threshold 0)" in report_v3
+    assert "gate report v1:" in status and status.count("gate report v3:") == 1

@@ -38,6 +38,7 @@ def status(args: argparse.Namespace) -> int:
         name = pipeline.registered_name(arch)
         aliases = registry.aliases(name, paths.root)
         print(f"{name}:" + ("" if aliases else " not registered yet (run the gate stage)"))
+        shown: list[str] = []
         for alias in ALIASES_SHOWN:
             version = aliases.get(alias)
             if version is None:
@@ -52,7 +53,21 @@ def status(args: argparse.Namespace) -> int:
             if tags.get(registry.PREVIOUS_CHAMPION_TAG):
                 line += f"  previous champion v{tags[registry.PREVIOUS_CHAMPION_TAG]}"
             print(line)
+            if version not in shown:
+                shown.append(version)
+        for version in shown:
+            print(gate_report(version, registry.get_version_tags(name, version, paths.root)))
     return 0
+
+
+def gate_report(version: str, tags: dict[str, str]) -> str:
+    """The gate checks recorded on a version, one line each: name, verdict, value and threshold."""
+    prefix = "gate.check."
+    checks = sorted((key[len(prefix):], value) for key, value in tags.items() if key.startswith(prefix))
+    if not checks:
+        return f"  gate report v{version}: none recorded"
+    width = max(len(check) for check, _ in checks)
+    return "\n".join([f"  gate report v{version}:", *(f"    {check:<{width}}  {value}" for check, value in checks)])
 
 
 def promote(args: argparse.Namespace) -> int:
