@@ -55,6 +55,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_torch(path: str | Path, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` atomically, the same object giving the same bytes.
+
+    Saved through a file handle: given a path, torch names the archive's inner folder after the
+    file, here a random temporary name, so identical weights would hash differently in every run
+    (and DVC would see a changed output where nothing changed).
+    """
+    import torch  # here, not at the top: the data stages use this module without torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

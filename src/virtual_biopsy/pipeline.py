@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from virtual_biopsy.atomic import atomic_path, write_json
+from virtual_biopsy.atomic import write_json, write_torch
 from virtual_biopsy.config import MODALITIES, VIEWS
 from virtual_biopsy.fusion import fuse
 from virtual_biopsy.metrics import classify
@@ -226,8 +226,7 @@ def save_bundle(pipeline: FusedPipeline, folder: str | Path) -> Path:
         "modality_weights": {m: float(w) for m, w in pipeline.modality_weights.items()},
         "info_json": json.dumps(pipeline.info, sort_keys=True, default=str),
     }
-    with atomic_path(folder / BUNDLE_FILE) as tmp:
-        torch.save(record, tmp)
+    write_torch(folder / BUNDLE_FILE, record)
     write_json(folder / BUNDLE_DESCRIPTION, describe(pipeline))
     return folder
 

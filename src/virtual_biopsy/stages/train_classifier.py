@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 
 from virtual_biopsy import metrics
-from virtual_biopsy.atomic import atomic_path, write_csv, write_json, write_text
+from virtual_biopsy.atomic import write_csv, write_json, write_text, write_torch
 from virtual_biopsy.config import (
     ARCHITECTURES,
     MODALITIES,
@@ -115,8 +115,7 @@ def imputed_index_path(paths: ProjectPaths) -> Path:
 # ---------------------------------------------------------------------------------------------
 def save_classifier_weights(path: Path, state: dict[str, torch.Tensor], **info: Any) -> None:
     """Write a state dict under ``state_dict`` with what identifies it (arch, modality, view, fold ...)."""
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": state, **info}, tmp)
+    write_torch(path, {"state_dict": state, **info})
 
 
 def load_classifier(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:

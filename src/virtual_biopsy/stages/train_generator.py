@@ -48,7 +48,7 @@ import pandas as pd
 import torch
 
 from virtual_biopsy import metrics
-from virtual_biopsy.atomic import atomic_path, write_json
+from virtual_biopsy.atomic import atomic_path, write_json, write_torch
 from virtual_biopsy.config import ACR_CATEGORIES, VIEWS, ConfigError, GeneratorConfig, Params
 from virtual_biopsy.models.cyclegan import ResnetGenerator
 from virtual_biopsy.paths import ProjectPaths
@@ -107,8 +107,7 @@ def figure3_path(paths: ProjectPaths, view: str) -> Path:
 def save_generator_weights(path: Path, state: dict[str, torch.Tensor], cfg: GeneratorConfig, **info: Any) -> None:
     """Write a generator's state dict with what is needed to rebuild it (architecture, size, view, fold)."""
     record = {"state_dict": state, "ngf": cfg.ngf, "n_residual_blocks": cfg.n_residual_blocks, **info}
-    with atomic_path(path) as tmp:
-        torch.save(record, tmp)
+    write_torch(path, record)
 
 
 def load_generator_weights(path: Path) -> tuple[ResnetGenerator, dict[str, Any]]:

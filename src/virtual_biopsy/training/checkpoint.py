@@ -8,7 +8,7 @@ same weights as an uninterrupted one.
 
 Each checkpoint carries a *fingerprint* of what was being trained (configuration, seed, data
 sizes); resuming with a different one is an error rather than a silent mix of two runs.
-It is written with ``atomic_path``: a kill during the write leaves the previous checkpoint.
+It is written with ``write_torch`` (temp file + rename): a kill during the write leaves the previous checkpoint.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from virtual_biopsy.atomic import atomic_path
+from virtual_biopsy.atomic import write_torch
 
 CHECKPOINT_NAME = "last.pt"
 
@@ -66,8 +66,7 @@ class Checkpointer:
         if self.path is None:
             return
         record = {**payload, "fingerprint": self.fingerprint, "rng": capture_rng_state()}
-        with atomic_path(self.path) as tmp:
-            torch.save(record, tmp)
+        write_torch(self.path, record)
 
     def load_latest(self) -> dict[str, Any] | None:
         """The last checkpoint of this run, or None when there is none yet."""
