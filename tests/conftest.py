@@ -10,6 +10,8 @@ import pytest
 # store inside its own temp folder.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# DVC would otherwise leave a temp file per command and spawn a daemon to post usage analytics.
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
 @pytest.fixture(scope="session")
