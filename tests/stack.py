@@ -245,8 +245,11 @@ class MlflowServer:
         self.base.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "virtual_biopsy.server", "start", "--host", "127.0.0.1",
                    "--port", str(self.port), "--workers", "1"] + (["--auth"] if self.auth else [])
+        # TMPDIR: the --auth ini (it holds the auth DB password) goes in the test's folder, which
+        # pytest removes, not in the machine's /tmp, where it would outlive the server.
+        env = {**self.env, "TMPDIR": str(self.base)}
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             cwd=self.base, start_new_session=True)
         _wait_for(lambda: requests.get(f"{self.url}/health", timeout=2).ok, "mlflow server", self.process, self.log)
 
