@@ -48,10 +48,6 @@ from virtual_biopsy.dicom.write import (
 )
 from virtual_biopsy.paths import ProjectPaths
 from virtual_biopsy.stages.common import stage_inputs, stage_parser
-from virtual_biopsy.training.loop import resolve_device
-from virtual_biopsy.stages.train_generator import fold_weights_path, load_generator_weights
-from virtual_biopsy.training.datasets import open_images
-from virtual_biopsy.training.generator_trainer import generate
 
 STAGE = "impute"
 IMPUTED_COLUMNS = (*MANIFEST_COLUMNS, "source_image_id", "generator_view", "generator_fold", "row")
@@ -112,6 +108,11 @@ def synthetic_image_id(source_image_id: str, view: str, fold: int) -> str:
 # ---------------------------------------------------------------------------------------------
 def run_impute(paths: ProjectPaths, params: Params, device: str = "cpu") -> pd.DataFrame:
     """Impute every LE image out of fold; write data/imputed atomically; return the index."""
+    # Imported here, not at the top: `vbiopsy --help` imports this module, and torch takes seconds.
+    from virtual_biopsy.stages.train_generator import fold_weights_path, load_generator_weights
+    from virtual_biopsy.training.datasets import open_images
+    from virtual_biopsy.training.generator_trainer import generate
+
     for path, stage in ((paths.processed_images, "preprocess"), (paths.processed_index, "preprocess"),
                         (paths.splits, "split")):
         if not path.exists():
@@ -254,6 +255,8 @@ def _outputs_stale(paths: ProjectPaths, params: Params) -> bool:
 
 
 def _run(args: argparse.Namespace, force: bool) -> int:
+    from virtual_biopsy.training.loop import resolve_device
+
     try:
         paths, params = stage_inputs(args)
         if force or _outputs_stale(paths, params):
