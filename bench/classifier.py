@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from throughput import Interleaved, measure_interleaved, processed_like_array, throughput_parser
+from throughput import Interleaved, measure_interleaved, processed_like_array, synchronise, throughput_parser
 import torch
 
 from virtual_biopsy.models import ARCHITECTURES, build_classifier
@@ -55,12 +55,7 @@ def bench_architecture(arch: str, dataset: LabelledImageDataset, args: argparse.
 
     return measure_interleaved(lambda: next(loader), train(data_update), train(random_update),
                                (random_images, random_labels), args.steps, args.warmup_steps,
-                               lambda: _synchronise(device))
-
-
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+                               lambda: synchronise(device))
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from throughput import measure_interleaved, processed_like_array, throughput_parser
+from throughput import measure_interleaved, processed_like_array, synchronise, throughput_parser
 import torch
 
 from virtual_biopsy.config import GeneratorConfig
@@ -30,11 +30,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ndf", type=int, default=GeneratorConfig.ndf)
     parser.add_argument("--n-residual-blocks", type=int, default=GeneratorConfig.n_residual_blocks)
     return parser.parse_args()
-
-
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -69,7 +64,7 @@ def main() -> None:
             return step
 
         timings = measure_interleaved(lambda: next(loader), train(data_update), train(random_update),
-                                      (random_a, random_b), args.steps, args.warmup_steps, lambda: _synchronise(device))
+                                      (random_a, random_b), args.steps, args.warmup_steps, lambda: synchronise(device))
     print(
         f"cyclegan {size}px batch {args.batch_size} ngf {cfg.ngf} ndf {cfg.ndf} blocks {cfg.n_residual_blocks} "
         f"on {device} ({torch.get_num_threads()} threads): {timings.summary()}"

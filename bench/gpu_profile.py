@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from throughput import synchronise
 
 from virtual_biopsy.config import ClassifierConfig, GeneratorConfig
 from virtual_biopsy.models import build_classifier
@@ -47,11 +48,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers on GPU")
     parser.add_argument("--cpu-image-size", type=int, default=64, help="image size of the CPU fallback")
     return parser.parse_args()
-
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(step, batches, warmup: int, device: torch.device) -> float:

@@ -1,6 +1,6 @@
-"""What the training-throughput benchmarks (classifier.py, generator.py) share: their common
-command-line options, a processed-like image array to read through the real data path, and the
-interleaved timing of a data-path step against a random-tensor step."""
+"""What the training benchmarks (classifier.py, generator.py, gpu_profile.py) share: their common
+command-line options, a processed-like image array to read through the real data path, waiting
+for queued GPU work, and the interleaved timing of a data-path step against a random-tensor step."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,14 @@ def processed_like_array(folder: Path, rows: int, size: int) -> Path:
     path = folder / "images.npy"
     np.save(path, np.random.default_rng(0).random((rows, size, size), dtype=np.float32))
     return path
+
+
+def synchronise(device) -> None:
+    """Wait for the work queued on ``device`` (CUDA runs asynchronously); nothing to wait for on CPU."""
+    if device.type == "cuda":
+        import torch  # here: the timing helpers and their tests need no torch
+
+        torch.cuda.synchronize(device)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 @pytest.fixture(scope="session")
 def tiny_raw(tmp_path_factory) -> Path:
-    """A data/raw-like folder (DICOM studies + metadata.csv) of 16 simulated patients, 96 px high."""
+    """A data/raw-like folder (DICOM studies + metadata.csv) of 16 simulated patients, 96 px high.
+
+    Shared by the whole session, so read only: a test that damages files works on a copy."""
     from virtual_biopsy.config import SynthConfig
     from virtual_biopsy.data.synthetic import synthesize
 

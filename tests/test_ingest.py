@@ -21,16 +21,10 @@ from virtual_biopsy.paths import ProjectPaths
 from virtual_biopsy.stages import ingest as ingest_stage
 
 
-@pytest.fixture(scope="module")
-def raw_source(tiny_raw) -> Path:
-    """The suite's tiny simulated raw folder (read only: tests damage copies)."""
-    return tiny_raw
-
-
 @pytest.fixture
-def raw(raw_source, tmp_path) -> Path:
+def raw(tiny_raw, tmp_path) -> Path:
     """A private copy of the raw folder that a test may damage."""
-    return Path(shutil.copytree(raw_source, tmp_path / "data" / "raw"))
+    return Path(shutil.copytree(tiny_raw, tmp_path / "data" / "raw"))
 
 
 def _cfg(**changes) -> IngestConfig:
@@ -63,16 +57,16 @@ def _monochrome1_twin(ds: pydicom.Dataset) -> pydicom.Dataset:
     return twin
 
 
-def test_monochrome1_twin_reads_as_the_same_pixels_and_window(raw_source):
-    plain = read_dataset(_files(raw_source, "*LOW_ENERGY.dcm")[0])
+def test_monochrome1_twin_reads_as_the_same_pixels_and_window(tiny_raw):
+    plain = read_dataset(_files(tiny_raw, "*LOW_ENERGY.dcm")[0])
     twin = _monochrome1_twin(plain)
     np.testing.assert_array_equal(read_pixels(twin), read_pixels(plain))
     assert display_window(twin) == pytest.approx(display_window(plain))
 
 
 @pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless], ids=lambda s: s.name)
-def test_compressed_twin_decodes_to_the_same_pixels(raw_source, tmp_path, syntax):
-    source = _files(raw_source, "*RECOMBINED.dcm")[0]
+def test_compressed_twin_decodes_to_the_same_pixels(tiny_raw, tmp_path, syntax):
+    source = _files(tiny_raw, "*RECOMBINED.dcm")[0]
     ds = pydicom.dcmread(source)
     ds.compress(syntax)
     ds.save_as(tmp_path / "compressed.dcm")
@@ -81,8 +75,8 @@ def test_compressed_twin_decodes_to_the_same_pixels(raw_source, tmp_path, syntax
     np.testing.assert_array_equal(read_pixels(compressed), read_pixels(source))
 
 
-def test_rescale_slope_and_intercept_are_applied(raw_source):
-    ds = read_dataset(_files(raw_source, "*LOW_ENERGY.dcm")[0])
+def test_rescale_slope_and_intercept_are_applied(tiny_raw):
+    ds = read_dataset(_files(tiny_raw, "*LOW_ENERGY.dcm")[0])
     stored = ds.pixel_array.astype(np.float32)
     ds.RescaleSlope, ds.RescaleIntercept = 2, -100
     np.testing.assert_allclose(read_pixels(ds), 2 * stored - 100)
@@ -120,21 +114,21 @@ def _eight_bit(ds: pydicom.Dataset) -> None:
     ],
     ids=["plain", "dirty-unused-bits", "signed", "8-bit", "rescale", "monochrome1"],
 )
-def test_native_pixels_read_exactly_as_pydicom_decodes_them(raw_source, edit):
-    ds = read_dataset(_files(raw_source, "*LOW_ENERGY.dcm")[0])
+def test_native_pixels_read_exactly_as_pydicom_decodes_them(tiny_raw, edit):
+    ds = read_dataset(_files(tiny_raw, "*LOW_ENERGY.dcm")[0])
     edit(ds)
     np.testing.assert_array_equal(read_pixels(ds), _as_pydicom_reads_it(ds))
 
 
-def test_short_native_pixel_data_is_corrupt(raw_source):
-    ds = read_dataset(_files(raw_source, "*LOW_ENERGY.dcm")[0])
+def test_short_native_pixel_data_is_corrupt(tiny_raw):
+    ds = read_dataset(_files(tiny_raw, "*LOW_ENERGY.dcm")[0])
     ds.PixelData = ds.PixelData[:100]
     with pytest.raises(DicomReadError, match="corrupt pixel data"):
         read_pixels(ds)
 
 
-def test_display_window_falls_back_to_full_stored_range(raw_source):
-    ds = read_dataset(_files(raw_source, "*LOW_ENERGY.dcm")[0])
+def test_display_window_falls_back_to_full_stored_range(tiny_raw):
+    ds = read_dataset(_files(tiny_raw, "*LOW_ENERGY.dcm")[0])
     del ds.WindowCenter, ds.WindowWidth
     top = (1 << int(ds.BitsStored)) - 1
     assert display_window(ds) == (top / 2, top)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,16 +25,10 @@ SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def raw_source(tiny_raw) -> Path:
-    """The suite's tiny simulated raw folder (read only: tests damage copies)."""
-    return tiny_raw
-
-
-@pytest.fixture(scope="module")
-def processed(raw_source, tmp_path_factory) -> ProjectPaths:
+def processed(tiny_raw, tmp_path_factory) -> ProjectPaths:
     """A temp project after the ingest and preprocess stages (two worker processes)."""
     root = tmp_path_factory.mktemp("project")
-    shutil.copytree(raw_source, root / "data" / "raw")
+    shutil.copytree(tiny_raw, root / "data" / "raw")
     (root / "params.yaml").write_text(f"ingest:\n  workers: 2\npreprocess:\n  image_size: {SIZE}\n  workers: 2\n")
     assert ingest_stage.main(["--root", str(root), "--no-mlflow"]) == 0
     assert preprocess_stage.main(["--root", str(root), "--no-mlflow"]) == 0

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pandas as pd
 import pydicom
-import pytest
 
 from virtual_biopsy.stages import ingest as ingest_stage
 from virtual_biopsy.stages import preprocess as preprocess_stage
@@ -19,12 +18,6 @@ IDENTIFYING = {
     "AccessionNumber": "ACC-PRIV-0815",
     "InstitutionName": "Saint Privacy Hospital",
 }
-
-
-@pytest.fixture(scope="module")
-def raw_source(tiny_raw) -> Path:
-    """The suite's tiny simulated raw folder (read only: tests damage copies)."""
-    return tiny_raw
 
 
 def _plant_identity(raw: Path) -> list[Path]:
@@ -52,9 +45,9 @@ def _files_containing(folder: Path, needles: list[bytes], skip: Path | None = No
     return found
 
 
-def test_no_identifying_header_value_reaches_manifest_reports_arrays_or_mlflow(raw_source, tmp_path, monkeypatch):
+def test_no_identifying_header_value_reaches_manifest_reports_arrays_or_mlflow(tiny_raw, tmp_path, monkeypatch):
     root = tmp_path / "project"
-    raw = Path(shutil.copytree(raw_source, root / "data" / "raw"))
+    raw = Path(shutil.copytree(tiny_raw, root / "data" / "raw"))
     planted = _plant_identity(raw)
     (root / "params.yaml").write_text("ingest:\n  workers: 1\npreprocess:\n  image_size: 16\n  workers: 1\n")
     # MLflow's store and (default, cwd-relative) artifact folder both inside the searched root.

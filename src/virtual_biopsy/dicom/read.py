@@ -50,15 +50,13 @@ def read_dataset(path: str | Path) -> Dataset:
     return ds
 
 
-def check_complete(ds: Dataset, size: int | str | Path) -> None:
+def check_complete(ds: Dataset, size: int) -> None:
     """Raise :class:`TruncatedFileError` when a top-level element runs past the end of the file.
 
-    ``size`` is the file's size in bytes, or its path. Elements still held raw (pydicom converts
+    ``size`` is the file's size in bytes. Elements still held raw (pydicom converts
     lazily) remember where their value starts (``value_tell``) and how long the header says it is;
     a value that would end after the last byte of the file means the file was cut short.
     """
-    if not isinstance(size, int):
-        size = os.path.getsize(size)
     for raw in ds.values():  # the elements as stored: converted ones are DataElement, skipped
         if not isinstance(raw, RawDataElement) or raw.length == _UNDEFINED_LENGTH:
             continue
