@@ -18,7 +18,7 @@ import numpy as np
 from throughput import measure_interleaved, processed_like_array, synchronise, throughput_parser
 import torch
 
-from virtual_biopsy.config import GeneratorConfig
+from virtual_biopsy.core.config import GeneratorConfig
 from virtual_biopsy.training import AffineAugment, PairedImageDataset, open_images
 from virtual_biopsy.training.generator_trainer import CycleGANLoss, _optimisers, build_cyclegan, train_step
 from virtual_biopsy.training.loop import epoch_loader, prepare_module, resolve_device, to_device

@@ -25,7 +25,7 @@ import torch
 import yaml
 from throughput import synchronise
 
-from virtual_biopsy.config import ClassifierConfig, GeneratorConfig
+from virtual_biopsy.core.config import ClassifierConfig, GeneratorConfig
 from virtual_biopsy.models import build_classifier
 from virtual_biopsy.training import AffineAugment, LabelledImageDataset, PairedImageDataset, open_images
 from virtual_biopsy.training.classifier_trainer import train_step

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from virtual_biopsy.models import ResnetGenerator, build_classifier
-from virtual_biopsy.pipeline import FusedPipeline, predict_breast
+from virtual_biopsy.serving.fused_model import FusedPipeline, predict_breast
 
 
 def full_size_pipeline(arch: str, size: int) -> FusedPipeline:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pydicom
 
-from virtual_biopsy.config import load_params
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.core.config import load_params
+from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.stages.ingest import run_ingest
 from virtual_biopsy.stages.preprocess import run_preprocess
 

@@ -19,7 +19,7 @@ def tiny_raw(tmp_path_factory) -> Path:
     """A data/raw-like folder (DICOM studies + metadata.csv) of 16 simulated patients, 96 px high.
 
     Shared by the whole session, so read only: a test that damages files works on a copy."""
-    from virtual_biopsy.config import SynthConfig
+    from virtual_biopsy.core.config import SynthConfig
     from virtual_biopsy.data.synthetic import synthesize
 
     raw = tmp_path_factory.mktemp("tiny") / "raw"
@@ -31,7 +31,7 @@ def tiny_raw(tmp_path_factory) -> Path:
 def generator_project(tmp_path_factory) -> Path:
     """A project root after synth (24 patients), ingest, preprocess (32 px), split (2 folds) and
     train_generator --view CC (tiny CycleGAN, 2 epochs, MLflow in the root's embedded store)."""
-    from virtual_biopsy.config import SynthConfig
+    from virtual_biopsy.core.config import SynthConfig
     from virtual_biopsy.data.synthetic import synthesize
     from virtual_biopsy.stages import ingest, preprocess, split, train_generator
 
@@ -61,12 +61,14 @@ def _write_fused_project(root: Path) -> Path:
     import pandas as pd
     import yaml
 
-    from virtual_biopsy.config import GeneratorConfig
+    from virtual_biopsy.core.config import GeneratorConfig
+    from virtual_biopsy.core.paths import ProjectPaths
     from virtual_biopsy.evaluation.predictions import PREDICTION_COLUMNS
     from virtual_biopsy.models import ResnetGenerator, build_classifier
-    from virtual_biopsy.stages.train_classifier import fold_weights_path, save_classifier_weights
-    from virtual_biopsy.stages.train_generator import save_generator_weights, serving_weights_path
-    from virtual_biopsy.paths import ProjectPaths
+    from virtual_biopsy.models.weights import (
+        save_classifier_weights,
+        save_generator_weights,
+    )
 
     paths = ProjectPaths(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,7 @@ def _write_fused_project(root: Path) -> Path:
     tiny = GeneratorConfig(ngf=4, n_residual_blocks=1)
     for i, view in enumerate(("CC", "MLO")):
         generator = ResnetGenerator(channels=1, ngf=tiny.ngf, n_residual_blocks=tiny.n_residual_blocks)
-        save_generator_weights(serving_weights_path(paths, view), generator.state_dict(), tiny, view=view, fold=0,
+        save_generator_weights(paths.serving_generator(view), generator.state_dict(), tiny, view=view, fold=0,
                                image_size=FUSED_SIZE, policy="best_fold")
         (paths.reports / "generator").mkdir(parents=True, exist_ok=True)
         (paths.reports / "generator" / f"{view}.json").write_text(json.dumps({"mean": {"ssim": 0.6, "psnr": 22.0}}))
@@ -86,7 +88,7 @@ def _write_fused_project(root: Path) -> Path:
         for m, modality in enumerate(("FFDM", "CESM")):
             for v, view in enumerate(("CC", "MLO")):
                 model = build_classifier("resnet18", seed=fold * 10 + m * 2 + v)
-                save_classifier_weights(fold_weights_path(paths, "resnet18", modality, view, fold), model.state_dict(),
+                save_classifier_weights(paths.classifier_weights("resnet18", modality, view, fold), model.state_dict(),
                                         arch="resnet18", modality=modality, view=view, fold=fold)
                 for subset in ("val", "test"):
                     for lesion in range(8):
@@ -161,9 +163,9 @@ def processed_project(tmp_path_factory) -> Path:
     split (2 folds) with tiny classifier params. Read only: copy what a test changes."""
     import yaml
 
-    from virtual_biopsy.config import SynthConfig, load_params
+    from virtual_biopsy.core.config import SynthConfig, load_params
+    from virtual_biopsy.core.paths import ProjectPaths
     from virtual_biopsy.data.synthetic import synthesize
-    from virtual_biopsy.paths import ProjectPaths
     from virtual_biopsy.stages.ingest import run_ingest
     from virtual_biopsy.stages.preprocess import run_preprocess
     from virtual_biopsy.stages.split import run_split

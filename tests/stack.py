@@ -243,7 +243,7 @@ class MlflowServer:
         import requests
 
         self.base.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "virtual_biopsy.server", "start", "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "virtual_biopsy.mlops.server", "start", "--host", "127.0.0.1",
                    "--port", str(self.port), "--workers", "1"] + (["--auth"] if self.auth else [])
         # TMPDIR: the --auth ini (it holds the auth DB password) goes in the test's folder, which
         # pytest removes, not in the machine's /tmp, where it would outlive the server.

@@ -6,7 +6,7 @@ import hashlib
 import pytest
 import torch
 
-from virtual_biopsy.atomic import write_torch
+from virtual_biopsy.core.atomic import write_torch
 from virtual_biopsy.models.cyclegan import ResnetGenerator
 
 

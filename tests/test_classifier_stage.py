@@ -11,14 +11,31 @@ import pandas as pd
 import pytest
 import yaml
 
-from virtual_biopsy.config import MODALITIES, VIEWS, SynthConfig, load_params
+from virtual_biopsy.core.config import MODALITIES, VIEWS, SynthConfig, load_params
+from virtual_biopsy.core.paths import ProjectPaths
+from virtual_biopsy.data.cohorts import (
+    CohortError,
+    biopsy_images,
+    check_single_input,
+    patient_subsets,
+    synthetic_images,
+)
 from virtual_biopsy.data.synthetic import synthesize
-from virtual_biopsy.evaluation.predictions import PREDICTION_COLUMNS, predictions_path, read_predictions_file
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.evaluation.predictions import (
+    PREDICTION_COLUMNS,
+    predictions_path,
+    read_predictions_file,
+)
+from virtual_biopsy.models.weights import load_classifier
 from virtual_biopsy.stages import train_classifier as stage
 from virtual_biopsy.stages.ingest import run_ingest
 from virtual_biopsy.stages.preprocess import run_preprocess
 from virtual_biopsy.stages.split import run_split
+from virtual_biopsy.training.classifier_trainer import (
+    INPUTS_KEY_FILE,
+    discard_stale_checkpoint,
+    predict_proba,
+)
 
 ARCH = "resnet18"
 # Tiny but complete: 2 folds so each subset holds patients of both classes, 2 epochs of a
@@ -60,8 +77,8 @@ def write_le_as_synthetic_cesm(paths: ProjectPaths) -> None:
     imputed = le.assign(source_image_id=le["image_id"], image_id="syn-" + le["image_id"], modality="CESM",
                         synthetic=True, row=np.arange(len(le)))
     paths.imputed_dir.mkdir(parents=True)
-    np.save(stage.imputed_images_path(paths), synthetic)
-    imputed.to_csv(stage.imputed_index_path(paths), index=False)
+    np.save(paths.imputed_images, synthetic)
+    imputed.to_csv(paths.imputed_index, index=False)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +127,7 @@ def cesm_run(tiny_data, tmp_path_factory) -> tuple[ProjectPaths, dict]:
 @pytest.mark.parametrize("view", VIEWS)
 def test_classifier_sees_only_early_biopsied_images_of_its_own_modality_and_view(tiny_data, modality, view):
     index = read_index(ProjectPaths(tiny_data))
-    images = stage.biopsy_images(index, modality, view)
+    images = biopsy_images(index, modality, view)
     rows = index.set_index("image_id").loc[images["image_id"]]
     assert not images.empty
     assert set(rows["modality"]) == {modality} and set(rows["view"]) == {view}
@@ -124,22 +141,22 @@ def test_classifier_sees_only_early_biopsied_images_of_its_own_modality_and_view
 
 def test_classifier_refuses_images_of_another_view():
     mixed = pd.DataFrame({"modality": ["CESM", "CESM"], "view": ["CC", "MLO"]})
-    with pytest.raises(stage.ClassifierStageError, match="view"):
-        stage.check_single_input(mixed, "CESM", "CC")
+    with pytest.raises(CohortError, match="view"):
+        check_single_input(mixed, "CESM", "CC")
 
 
 def test_synthetic_rows_carry_the_lesion_of_their_le_source(tiny_data):
     paths = ProjectPaths(tiny_data)
     index = read_index(paths)
-    imputed = pd.read_csv(stage.imputed_index_path(paths), dtype=str, keep_default_na=False)
-    synthetic = stage.synthetic_images(imputed, index, "MLO")
-    le = stage.biopsy_images(index, "FFDM", "MLO").set_index("image_id")
+    imputed = pd.read_csv(paths.imputed_index, dtype=str, keep_default_na=False)
+    synthetic = synthetic_images(imputed, index, "MLO")
+    le = biopsy_images(index, "FFDM", "MLO").set_index("image_id")
     assert set(synthetic["image_id"]) == set(le.index)  # image_id of a synthetic row is its LE input's
     assert (synthetic["lesion_id"].to_numpy() == le.loc[synthetic["image_id"], "lesion_id"].to_numpy()).all()
     assert (synthetic["y"].to_numpy() == le.loc[synthetic["image_id"], "y"].to_numpy()).all()
     assert set(synthetic["source"]) == {"synthetic"} and set(synthetic["view"]) == {"MLO"}
     # Every synthetic lesion is a real CESM lesion of the same view.
-    assert set(synthetic["lesion_id"]) <= set(stage.biopsy_images(index, "CESM", "MLO")["lesion_id"])
+    assert set(synthetic["lesion_id"]) <= set(biopsy_images(index, "CESM", "MLO")["lesion_id"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +165,7 @@ def test_synthetic_rows_carry_the_lesion_of_their_le_source(tiny_data):
 def test_fold_patient_subsets_are_disjoint(tiny_data):
     folds = pd.read_csv(ProjectPaths(tiny_data).splits, dtype={"patient_id": str})
     for fold in folds["fold"].unique():
-        subsets = stage.patient_subsets(folds, int(fold))
+        subsets = patient_subsets(folds, int(fold))
         assert not subsets["test"] & (subsets["train"] | subsets["val"])
         assert not subsets["train"] & subsets["val"]
 
@@ -161,7 +178,7 @@ def test_stage_refuses_folds_that_put_a_test_patient_in_training(tiny_data, tmp_
     code = stage.main(["--arch", ARCH, "--modality", "FFDM", "--view", "CC", "--root", str(paths.root), "--no-mlflow"])
     assert code == 1
     assert f"patient(s) ['{leaked['patient_id'].iloc[0]}'] are in both train and test" in capsys.readouterr().err
-    assert not stage.classifier_dir(paths, ARCH, "FFDM", "CC").exists()
+    assert not paths.classifier_dir(ARCH, "FFDM", "CC").exists()
 
 
 def test_scored_and_weighting_patients_are_the_folds_val_and_test_patients(cesm_run):
@@ -169,7 +186,7 @@ def test_scored_and_weighting_patients_are_the_folds_val_and_test_patients(cesm_
     predictions = read_predictions_file(predictions_path(paths, ARCH, "CESM", "CC"), ARCH, "CESM", "CC")
     folds = pd.read_csv(paths.splits, dtype={"patient_id": str})
     for fold in sorted(folds["fold"].unique()):
-        subsets = stage.patient_subsets(folds, int(fold))
+        subsets = patient_subsets(folds, int(fold))
         rows = predictions[predictions["fold"] == fold]
         for subset in ("val", "test"):
             assert set(rows.loc[rows["subset"] == subset, "patient_id"]) <= subsets[subset]
@@ -192,26 +209,26 @@ def test_cesm_stage_writes_contract_predictions_with_real_and_synthetic_rows(ces
         synthetic = group[group["source"] == "synthetic"]
         assert set(synthetic["lesion_id"]) == set(real["lesion_id"])
     for fold in folds:
-        assert stage.fold_weights_path(paths, ARCH, "CESM", "CC", fold).is_file()
-    weights = json.loads(stage.val_mcc_path(paths, ARCH, "CESM", "CC").read_text())
+        assert paths.classifier_weights(ARCH, "CESM", "CC", fold).is_file()
+    weights = json.loads(paths.val_mcc(ARCH, "CESM", "CC").read_text())
     assert [f["fold"] for f in weights["folds"]] == folds
     assert all(-1 <= f["val_mcc"] <= 1 for f in weights["folds"])
 
 
 def test_saved_fold_weights_reproduce_the_written_test_probabilities(cesm_run):
     paths, _ = cesm_run
-    model, info = stage.load_classifier(stage.fold_weights_path(paths, ARCH, "CESM", "CC", 0))
+    model, info = load_classifier(paths.classifier_weights(ARCH, "CESM", "CC", 0))
     assert (info["arch"], info["modality"], info["view"], info["fold"]) == (ARCH, "CESM", "CC", 0)
     predictions = read_predictions_file(predictions_path(paths, ARCH, "CESM", "CC"), ARCH, "CESM", "CC")
     test = predictions[(predictions["fold"] == 0) & (predictions["subset"] == "test") & (predictions["source"] == "real")]
     rows = read_index(paths).set_index("image_id").loc[test["image_id"], "row"].to_numpy()
     images = np.load(paths.processed_images, mmap_mode="r")
-    p = stage.predict_proba(model, images, rows)
+    p = predict_proba(model, images, rows)
     np.testing.assert_allclose(p, test["p_malignant"].to_numpy(), atol=1e-6)
 
 
 def test_stage_logs_one_readable_mlflow_run_per_fold_with_epoch_curves(cesm_run):
-    from virtual_biopsy import tracking
+    from virtual_biopsy.mlops import tracking
 
     paths, _ = cesm_run
     client = tracking.get_client(paths.root)
@@ -256,10 +273,10 @@ def test_ffdm_stage_resumed_after_an_interruption_writes_the_same_predictions(ti
 
 def test_checkpoint_of_other_input_images_is_discarded_and_one_of_the_same_kept(tmp_path):
     ckpt = tmp_path / "fold0"
-    stage.discard_stale_checkpoint(ckpt, "pixels-a")
+    discard_stale_checkpoint(ckpt, "pixels-a")
     (ckpt / "last.pt").write_bytes(b"checkpoint of pixels-a")
-    stage.discard_stale_checkpoint(ckpt, "pixels-a")
+    discard_stale_checkpoint(ckpt, "pixels-a")
     assert (ckpt / "last.pt").exists()
-    stage.discard_stale_checkpoint(ckpt, "pixels-b")  # e.g. preprocess.image_size changed
+    discard_stale_checkpoint(ckpt, "pixels-b")  # e.g. preprocess.image_size changed
     assert not (ckpt / "last.pt").exists()
-    assert (ckpt / stage.INPUTS_KEY_FILE).read_text().strip() == "pixels-b"
+    assert (ckpt / INPUTS_KEY_FILE).read_text().strip() == "pixels-b"

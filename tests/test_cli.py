@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from virtual_biopsy.cli import COMMANDS, build_parser
+from virtual_biopsy.cli.main import COMMANDS, build_parser
 
 
 def test_help_lists_every_sub_command():
@@ -16,7 +16,7 @@ def test_help_lists_every_sub_command():
 def test_building_the_parser_does_not_import_torch_or_mlflow():
     # `vbiopsy --help` builds every sub-command's parser; importing torch and MLflow for that took
     # four seconds. A fresh interpreter, because this test session has long since imported both.
-    code = ("import sys; from virtual_biopsy.cli import build_parser; build_parser(); "
+    code = ("import sys; from virtual_biopsy.cli.main import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from virtual_biopsy.config import ConfigError, Params, load_params, params_from_dict, params_hash
+from virtual_biopsy.core.config import (
+    ConfigError,
+    Params,
+    load_params,
+    params_from_dict,
+    params_hash,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

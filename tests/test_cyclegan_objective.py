@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from virtual_biopsy.config import GeneratorConfig
+from virtual_biopsy.core.config import GeneratorConfig
 from virtual_biopsy.training import generator_trainer
 from virtual_biopsy.training.generator_trainer import CycleGANLoss
 

@@ -17,7 +17,7 @@ DVC = str(Path(sys.executable).with_name("dvc"))
 @pytest.mark.slow
 def test_regenerating_the_default_dataset_reproduces_data_dvc(tmp_path):
     """`vbiopsy synth` with params.yaml's defaults gives exactly the bytes whose hash data.dvc holds."""
-    from virtual_biopsy.config import load_params
+    from virtual_biopsy.core.config import load_params
     from virtual_biopsy.data.synthetic import synthesize
 
     params = load_params(ROOT / "params.yaml")

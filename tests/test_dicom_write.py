@@ -9,7 +9,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from virtual_biopsy.dicom.cesm import DIGITAL_MG_FOR_PRESENTATION, energy_of, is_simulated, is_synthetic
+from virtual_biopsy.dicom.cesm import (
+    DIGITAL_MG_FOR_PRESENTATION,
+    energy_of,
+    is_simulated,
+    is_synthetic,
+)
 from virtual_biopsy.dicom.write import (
     DicomBuildError,
     Patient,

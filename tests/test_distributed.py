@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from stack import free_port
+
 from virtual_biopsy.training import distributed
 
 VENV_BIN = Path(sys.executable).parent
@@ -22,28 +22,30 @@ VENV_BIN = Path(sys.executable).parent
 WORKER = r'''
 import json, sys
 import torch
-from virtual_biopsy.config import load_params
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.core.config import load_params
+from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.models import build_classifier
-from virtual_biopsy.stages import train_classifier as stage
+from virtual_biopsy.data.cohorts import biopsy_images, patient_subsets, read_folds, read_processed_index, split_images
+from virtual_biopsy.evaluation.scoring import score_metrics
 from virtual_biopsy.training import distributed, predict_proba, train_classifier
+from virtual_biopsy.training.datasets import classifier_fold_seed, labelled_dataset, open_images
 
 torch.set_num_threads(1)
 root, out = ProjectPaths(__import__("pathlib").Path(sys.argv[1])), sys.argv[2]
 params = load_params(root.root / "params.yaml")
-images, index, folds, _, _ = stage.read_inputs(root, "FFDM")
-parts = stage.split_images(stage.biopsy_images(index, "CESM", "CC"), stage.patient_subsets(folds, 0), 0,
+images, index, folds = open_images(root.processed_images), read_processed_index(root), read_folds(root)
+parts = split_images(biopsy_images(index, "CESM", "CC"), patient_subsets(folds, 0), 0,
                            require=("train", "val"))
-seed = stage.fold_seed(params.seed, "resnet18", "CESM", "CC", 0)
+seed = classifier_fold_seed(params.seed, "resnet18", "CESM", "CC", 0)
 model = build_classifier("resnet18", seed=seed)
-train_ds = stage.labelled_dataset(images, parts["train"], seed, params.classifier.augment)
-val_ds = stage.labelled_dataset(images, parts["val"], seed, False)
+train_ds = labelled_dataset(images, parts["train"], seed, params.classifier.augment)
+val_ds = labelled_dataset(images, parts["val"], seed, False)
 ranks_seen = []
 result = train_classifier(model, train_ds, val_ds, params.classifier, seed,
                           on_epoch_end=lambda e, m, s: ranks_seen.append(distributed.rank()))
 p = predict_proba(model, images, parts["val"]["row"].to_numpy(), 8)
 if distributed.is_main_process():
-    json.dump({"history": result.history, "p": p.tolist(), "val": stage.score_metrics(parts["val"], p),
+    json.dump({"history": result.history, "p": p.tolist(), "val": score_metrics(parts["val"], p),
                "world_size": distributed.world_size(), "callback_ranks": ranks_seen}, open(out, "w"))
 distributed.shutdown()
 '''
@@ -54,7 +56,7 @@ GENERATOR_WORKER = r'''
 import json, os, sys
 from pathlib import Path
 import torch
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.stages import train_generator as stage
 
 torch.set_num_threads(1)
@@ -62,7 +64,7 @@ root, out = Path(sys.argv[1]), sys.argv[2]
 assert stage.main(["--view", "CC", "--root", str(root), "--no-mlflow"]) == 0
 if os.environ.get("RANK", "0") == "0":
     paths = ProjectPaths(root)
-    report = json.loads(stage.report_path(paths, "CC").read_text())
+    report = json.loads(paths.generator_report("CC").read_text())
     json.dump({"history": [[{"val/l1": v, "train/loss_g": g}
                             for v, g in zip(f["val_l1_by_epoch"], f["train_loss_g_by_epoch"])]
                            for f in report["folds"]],

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from virtual_biopsy import evaluation as ev
+from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.evaluation.predictions import PREDICTION_COLUMNS, PredictionsError
-from virtual_biopsy.paths import ProjectPaths
 from virtual_biopsy.stages import evaluate as stage
 
 ARCHS = ("resnet18", "vgg16")

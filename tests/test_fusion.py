@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from virtual_biopsy.fusion import UNWEIGHTED_MEAN, fuse, fusion_weights
+from virtual_biopsy.models.fusion import UNWEIGHTED_MEAN, fuse, fusion_weights
 
 
 def test_views_then_modalities_match_a_hand_computed_example_with_negative_mcc() -> None:

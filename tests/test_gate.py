@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from virtual_biopsy import gate, registry
-from virtual_biopsy.config import load_params
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.core.config import load_params
+from virtual_biopsy.core.paths import ProjectPaths
+from virtual_biopsy.evaluation import gate_checks
+from virtual_biopsy.evaluation.gate_checks import decide
+from virtual_biopsy.mlops import registry, tracking
 from virtual_biopsy.stages import gate as gate_stage
 
 NAME = "virtual-biopsy-resnet18"
@@ -22,8 +24,9 @@ def _edit_json(path: Path, change) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False))
 
 
-def _decide(root: Path, champion=None) -> gate.GateDecision:
-    return gate_stage.decide(ProjectPaths(root), load_params(root / "params.yaml"), "resnet18", champion)
+def _decide(root: Path, champion=None) -> gate_checks.GateDecision:
+    return decide(ProjectPaths(root), load_params(root / "params.yaml"), "resnet18", champion,
+                  tracking.data_version(root))
 
 
 def test_every_check_passes_on_good_reports(fused_project):
@@ -99,7 +102,7 @@ def test_gate_stage_promotes_then_records_a_rejection_and_rollback_restores(fuse
     entry = json.loads((fused_project / "reports" / "gate.json").read_text())["resnet18"]
     assert entry["decision"] == "rejected" and entry["champion"] == "2"
 
-    from virtual_biopsy.cli import main as vbiopsy
+    from virtual_biopsy.cli.main import main as vbiopsy
 
     # Manual promotion runs the same checks: refused while the split leaks ...
     assert vbiopsy(["registry", "promote", "3", "--root", root]) == 1

@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from virtual_biopsy import registry, tracking
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.core.paths import ProjectPaths
+from virtual_biopsy.data.cohorts import CohortError, view_pairs
+from virtual_biopsy.mlops import registry, tracking
+from virtual_biopsy.models.weights import load_generator_weights
 from virtual_biopsy.stages import train_generator
-from virtual_biopsy.stages.train_generator import GeneratorStageError, view_pairs
 
 TABLE3_FIELDS = {"fold", "mse", "psnr", "ssim", "baseline_mse", "baseline_psnr", "baseline_ssim", "best_epoch"}
 
@@ -39,7 +40,7 @@ def test_every_fold_leaves_final_weights_and_no_checkpoint_for_the_dvc_cache(gen
     for fold in (0, 1):
         assert (model_dir / f"fold{fold}.pt").is_file()
     assert not (model_dir / "checkpoints").exists()
-    generator, info = train_generator.load_generator_weights(model_dir / "fold1.pt")
+    generator, info = load_generator_weights(model_dir / "fold1.pt")
     assert (info["view"], info["fold"], info["image_size"]) == ("CC", 1, 32)
     assert generator(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
 
@@ -90,7 +91,7 @@ def test_view_pairs_rejects_a_pair_key_without_its_des_partner(generator_project
     assert len(pairs) == (index["view"] == "CC").sum() // 2
     assert (pairs["le_row"] != pairs["des_row"]).all()
     orphan = index.drop(index[(index["view"] == "CC") & (index["modality"] == "CESM")].index[:1])
-    with pytest.raises(GeneratorStageError, match="exactly one LE and one DES"):
+    with pytest.raises(CohortError, match="exactly one LE and one DES"):
         view_pairs(orphan, "CC")
 
 

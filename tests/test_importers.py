@@ -22,7 +22,12 @@ from virtual_biopsy.data.importers.cdd_cesm import (
     SUBTRACTED_FOLDER,
 )
 from virtual_biopsy.data.layout import FILE_NAME_RE, METADATA_COLUMNS
-from virtual_biopsy.dicom.cesm import DIGITAL_MG_FOR_PRESENTATION, IMAGE_TYPE_DES, IMAGE_TYPE_LE, energy_of
+from virtual_biopsy.dicom.cesm import (
+    DIGITAL_MG_FOR_PRESENTATION,
+    IMAGE_TYPE_DES,
+    IMAGE_TYPE_LE,
+    energy_of,
+)
 
 # Released CDD-CESM sheet 'all' columns, in the released order.
 CDD_COLUMNS = [

@@ -6,11 +6,12 @@ import pandas as pd
 import pydicom
 import pytest
 
-from virtual_biopsy import cli
+from virtual_biopsy.cli import main as cli
+from virtual_biopsy.core.paths import ProjectPaths
+from virtual_biopsy.data.imputation import ImputeError, plan_imputation
 from virtual_biopsy.dicom.cesm import energy_of, is_simulated, is_synthetic
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.models.weights import load_generator_weights
 from virtual_biopsy.stages import impute
-from virtual_biopsy.stages.train_generator import fold_weights_path, load_generator_weights
 from virtual_biopsy.training.generator_trainer import generate
 
 
@@ -18,7 +19,7 @@ from virtual_biopsy.training.generator_trainer import generate
 def imputed(generator_project):
     assert impute.main(["--root", str(generator_project), "--no-mlflow"]) == 0
     paths = ProjectPaths(generator_project)
-    return paths, pd.read_csv(impute.imputed_index_path(paths)), np.load(impute.imputed_images_path(paths))
+    return paths, pd.read_csv(paths.imputed_index), np.load(paths.imputed_images)
 
 
 def test_every_le_image_is_imputed_once_marked_synthetic_cesm(imputed):
@@ -46,7 +47,7 @@ def test_imputed_pixels_are_the_fold_generators_output(imputed):
     rows_by_id = pd.read_csv(paths.processed_index).set_index("image_id")["row"]
     for fold in (0, 1):
         pick = index[index["generator_fold"] == fold].iloc[:3]
-        generator, _ = load_generator_weights(fold_weights_path(paths, "CC", fold))
+        generator, _ = load_generator_weights(paths.generator_weights("CC", fold))
         expected = generate(generator, processed[rows_by_id[pick["source_image_id"]].to_numpy()])
         np.testing.assert_allclose(images[pick["row"].to_numpy()], expected, atol=1e-6)
 
@@ -54,8 +55,8 @@ def test_imputed_pixels_are_the_fold_generators_output(imputed):
 def test_plan_refuses_a_patient_in_no_test_set():
     index = pd.DataFrame({"patient_id": ["p1", "p2"], "modality": ["FFDM"] * 2, "view": ["CC"] * 2, "row": [0, 1]})
     folds = pd.DataFrame({"patient_id": ["p1", "p2", "p2"], "fold": [0, 0, 1], "subset": ["test", "train", "val"]})
-    with pytest.raises(impute.ImputeError, match="p2"):
-        impute.plan_imputation(index, folds, ("CC",))
+    with pytest.raises(ImputeError, match="p2"):
+        plan_imputation(index, folds, ("CC",))
 
 
 def test_synthetic_dicom_round_trips_marked_synthetic_and_references_its_source(imputed, tmp_path):

@@ -13,11 +13,17 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from virtual_biopsy.config import IngestConfig
+from virtual_biopsy.core.config import IngestConfig
+from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.ingest import ingest_raw, pseudonymize, rejected_reasons
 from virtual_biopsy.data.layout import MANIFEST_COLUMNS
-from virtual_biopsy.dicom.read import DicomReadError, display_window, presentation_range, read_dataset, read_pixels
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.dicom.read import (
+    DicomReadError,
+    display_window,
+    presentation_range,
+    read_dataset,
+    read_pixels,
+)
 from virtual_biopsy.stages import ingest as ingest_stage
 
 

@@ -5,10 +5,14 @@ import math
 
 import numpy as np
 import pytest
-from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
+from skimage.metrics import (
+    mean_squared_error,
+    peak_signal_noise_ratio,
+    structural_similarity,
+)
 from sklearn.metrics import confusion_matrix, matthews_corrcoef, roc_auc_score
 
-from virtual_biopsy import metrics
+from virtual_biopsy.evaluation import metrics
 
 SEEDS = range(12)
 

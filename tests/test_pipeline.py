@@ -11,14 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from virtual_biopsy import pipeline, tracking
+from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.preprocess import preprocess_file
 from virtual_biopsy.evaluation.predictions import load_predictions
 from virtual_biopsy.evaluation.settings import prepare_folds
-from virtual_biopsy.fusion import fuse
-from virtual_biopsy.paths import ProjectPaths
-from virtual_biopsy.stages.train_classifier import fold_weights_path, load_classifier
-from virtual_biopsy.stages.train_generator import load_generator_weights, serving_weights_path
+from virtual_biopsy.mlops import tracking
+from virtual_biopsy.models.fusion import fuse
+from virtual_biopsy.models.weights import load_classifier, load_generator_weights
+from virtual_biopsy.serving import fused_model
 from virtual_biopsy.training import generate, predict_proba
 
 URI = "models:/virtual-biopsy-resnet18@champion"
@@ -49,15 +49,15 @@ def by_hand(root, breast, cesm_given: bool) -> float:
             image = breast["LE", view]
             if modality == "CESM":
                 image = breast["DES", view] if cesm_given else generate(
-                    load_generator_weights(serving_weights_path(paths, view))[0], image[None])[0]
-            model = load_classifier(fold_weights_path(paths, "resnet18", modality, view, fold))[0]
+                    load_generator_weights(paths.serving_generator(view))[0], image[None])[0]
+            model = load_classifier(paths.classifier_weights("resnet18", modality, view, fold))[0]
             per_view[view] = predict_proba(model, image[None], [0])
         p[modality] = fuse(per_view, weights.views[modality])
     return float(fuse(p, weights.modalities)[0])
 
 
 def request_frame(breast, cesm_given: bool) -> pd.DataFrame:
-    enc = pipeline.encode_image
+    enc = fused_model.encode_image
     return pd.DataFrame({"ffdm_cc": [enc(breast["LE", "CC"])], "ffdm_mlo": [enc(breast["LE", "MLO"])],
                          "cesm_cc": [enc(breast["DES", "CC"]) if cesm_given else None],
                          "cesm_mlo": [enc(breast["DES", "MLO"]) if cesm_given else None]})
@@ -79,18 +79,19 @@ def test_pyfunc_in_a_fresh_process_matches_the_stage_functions(gated_project, br
 
 
 def test_real_cesm_is_used_and_missing_cesm_is_imputed_and_flagged(gated_project, breast, tmp_path):
-    from virtual_biopsy.registry import _fluent_store
     import mlflow
+
+    from virtual_biopsy.mlops.registry import _fluent_store
 
     with _fluent_store(gated_project):
         fused = mlflow.pyfunc.load_model(URI).unwrap_python_model().pipeline
-    real = pipeline.predict_breast(fused, breast["LE", "CC"], breast["LE", "MLO"], breast["DES", "CC"], breast["DES", "MLO"])
+    real = fused_model.predict_breast(fused, breast["LE", "CC"], breast["LE", "MLO"], breast["DES", "CC"], breast["DES", "MLO"])
     assert real.synthetic == {"CC": False, "MLO": False}
     assert np.array_equal(real.cesm_images["CC"], breast["DES", "CC"])
-    none = pipeline.predict_breast(fused, breast["LE", "CC"], breast["LE", "MLO"])
+    none = fused_model.predict_breast(fused, breast["LE", "CC"], breast["LE", "MLO"])
     assert none.synthetic == {"CC": True, "MLO": True}
-    half = pipeline.predict_breast(fused, breast["LE", "CC"], breast["LE", "MLO"], cesm_mlo=breast["DES", "MLO"])
+    half = fused_model.predict_breast(fused, breast["LE", "CC"], breast["LE", "MLO"], cesm_mlo=breast["DES", "MLO"])
     assert half.synthetic == {"CC": True, "MLO": False}
     assert np.array_equal(half.cesm_images["CC"], none.cesm_images["CC"])
-    with pytest.raises(pipeline.PipelineInputError, match=r"FFDM CC: expected a preprocessed \(32, 32\)"):
-        pipeline.predict_breast(fused, np.zeros((16, 16)), breast["LE", "MLO"])
+    with pytest.raises(fused_model.PipelineInputError, match=r"FFDM CC: expected a preprocessed \(32, 32\)"):
+        fused_model.predict_breast(fused, np.zeros((16, 16)), breast["LE", "MLO"])

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from tiny_pipeline import BIN, run
 
 pytestmark = pytest.mark.slow
@@ -33,7 +32,7 @@ def test_dvc_repro_runs_every_stage_and_leaves_a_clean_status(first_run):
 
 
 def test_every_stage_logged_a_run_under_one_parent(first_run):
-    from virtual_biopsy import tracking
+    from virtual_biopsy.mlops import tracking
 
     client = tracking.get_client(first_run)
     experiment = client.get_experiment_by_name(tracking.EXPERIMENT_NAME)
@@ -47,7 +46,7 @@ def test_every_stage_logged_a_run_under_one_parent(first_run):
 
 
 def test_gate_registered_the_fused_pipeline_and_recorded_its_decision(first_run):
-    from virtual_biopsy import registry
+    from virtual_biopsy.mlops import registry
 
     decision = json.loads((first_run / "reports" / "gate.json").read_text())["resnet18"]
     assert decision["decision"] in ("promoted", "rejected") and decision["checks"], decision

@@ -9,7 +9,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from virtual_biopsy.cli import main as vbiopsy
+from virtual_biopsy.cli.main import main as vbiopsy
 from virtual_biopsy.dicom.cesm import is_synthetic
 
 

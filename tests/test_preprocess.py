@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.layout import MANIFEST_COLUMNS
 from virtual_biopsy.data.preprocess import (
     BACKGROUND_STRIP,
@@ -17,7 +18,6 @@ from virtual_biopsy.data.preprocess import (
     preprocess_pixels,
     resize_square,
 )
-from virtual_biopsy.paths import ProjectPaths
 from virtual_biopsy.stages import ingest as ingest_stage
 from virtual_biopsy.stages import preprocess as preprocess_stage
 

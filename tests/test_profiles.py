@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from virtual_biopsy.config import ConfigError
-from virtual_biopsy.profiles import exp_run_command, profile_overrides
+from virtual_biopsy.cli.profile import exp_run_command, profile_overrides
+from virtual_biopsy.core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

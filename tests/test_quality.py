@@ -13,8 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from virtual_biopsy.config import ValidateDataConfig
-from virtual_biopsy.data.quality import CRITICAL, QualityError, build_checks, image_stats, validate
+from virtual_biopsy.core.config import ValidateDataConfig
+from virtual_biopsy.data.quality import (
+    CRITICAL,
+    QualityError,
+    build_checks,
+    image_stats,
+    validate,
+)
 from virtual_biopsy.stages import validate_data
 
 SIZE = 32
@@ -24,9 +30,9 @@ CFG = ValidateDataConfig(min_patients=10)
 @functools.lru_cache(maxsize=1)
 def _simulated_dataset() -> tuple[pd.DataFrame, np.ndarray]:
     """Manifest and processed images of a 16-patient dataset from `vbiopsy synth` -> ingest -> preprocess."""
-    from virtual_biopsy.config import SynthConfig, load_params
+    from virtual_biopsy.core.config import SynthConfig, load_params
+    from virtual_biopsy.core.paths import ProjectPaths
     from virtual_biopsy.data.synthetic import synthesize
-    from virtual_biopsy.paths import ProjectPaths
     from virtual_biopsy.stages.ingest import run_ingest
     from virtual_biopsy.stages.preprocess import run_preprocess
 

@@ -1,14 +1,13 @@
 """`vbiopsy server` configuration, MLproject and workflow files (fast; the live stack is in test_team_stack.py)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import secrets
+from pathlib import Path
 
 import pytest
 import yaml
 
-from virtual_biopsy import server
+from virtual_biopsy.mlops import server
 
 REPO = Path(__file__).resolve().parents[1]
 # Random per run: no literal that looks like a credential sits in a tracked file (test_secrets.py).

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from virtual_biopsy import pipeline, tracking
+from virtual_biopsy.mlops import tracking
+from virtual_biopsy.serving import fused_model
 
 URI = "models:/virtual-biopsy-resnet18@champion"
 
@@ -41,8 +42,8 @@ def _wait_ready(port: int, proc: subprocess.Popen, limit_s: float = 180) -> None
 
 def test_served_champion_answers_a_scoring_request_with_the_same_p(gated_project, tmp_path):
     rng = np.random.default_rng(5)
-    images = [pipeline.encode_image(rng.random((32, 32), dtype=np.float32)) for _ in range(4)]
-    body = {"dataframe_split": {"columns": list(pipeline.INPUT_COLUMNS),
+    images = [fused_model.encode_image(rng.random((32, 32), dtype=np.float32)) for _ in range(4)]
+    body = {"dataframe_split": {"columns": list(fused_model.INPUT_COLUMNS),
                                 "data": [images, [images[0], images[1], None, None]]}}
     port = _free_port()
     bin_dir = Path(sys.executable).parent  # mlflow runs `uvicorn` from PATH: the venv's
@@ -67,7 +68,7 @@ def test_served_champion_answers_a_scoring_request_with_the_same_p(gated_project
     import mlflow
     import pandas as pd
 
-    from virtual_biopsy.registry import _fluent_store
+    from virtual_biopsy.mlops.registry import _fluent_store
 
     with _fluent_store(gated_project):
         local = mlflow.pyfunc.load_model(URI).predict(pd.DataFrame(body["dataframe_split"]["data"],

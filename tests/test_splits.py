@@ -5,8 +5,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from virtual_biopsy.config import SplitConfig
-from virtual_biopsy.data.splits import SplitError, check_folds, make_folds, patient_strata
+from virtual_biopsy.core.config import SplitConfig
+from virtual_biopsy.data.splits import (
+    SplitError,
+    check_folds,
+    make_folds,
+    patient_strata,
+)
 
 
 def cohort_manifest(malignant: int = 30, benign: int = 12, none: int = 20) -> pd.DataFrame:

@@ -12,8 +12,8 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from virtual_biopsy.cli import main
-from virtual_biopsy.config import SynthConfig
+from virtual_biopsy.cli.main import main
+from virtual_biopsy.core.config import SynthConfig
 from virtual_biopsy.data import phantom
 from virtual_biopsy.data.layout import FILE_NAME_RE, METADATA_COLUMNS, image_relpath
 from virtual_biopsy.data.synthetic import SynthError, allot, draw_cohort, synthesize

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from stack import team_stack  # noqa: F401  (session fixture)
-from virtual_biopsy import tracking
+
+from virtual_biopsy.mlops import tracking
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from virtual_biopsy import tracking
-from virtual_biopsy.config import Params
+from virtual_biopsy.core.config import Params
+from virtual_biopsy.mlops import tracking
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from virtual_biopsy.config import ClassifierConfig, GeneratorConfig
+from virtual_biopsy.core.config import ClassifierConfig, GeneratorConfig
 from virtual_biopsy.models import build_classifier
 from virtual_biopsy.training import (
     AffineAugment,
@@ -16,13 +16,15 @@ from virtual_biopsy.training import (
     EarlyStopping,
     LabelledImageDataset,
     PairedImageDataset,
+    classifier_trainer,
     generate,
+    generator_trainer,
+    loop,
     open_images,
     predict_proba,
     train_classifier,
     train_cyclegan,
 )
-from virtual_biopsy.training import classifier_trainer, generator_trainer, loop
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from stack import PostgresCluster, pg_bin
-from virtual_biopsy import tuning
-from virtual_biopsy.config import load_params
-from virtual_biopsy.paths import ProjectPaths
+
+from virtual_biopsy.core.config import load_params
+from virtual_biopsy.core.paths import ProjectPaths
+from virtual_biopsy.tuning import study as tuning
 
 TUNE = {"trials": 2, "metric": "auc", "storage": "sqlite:///optuna.db",
         "space": {"lr": {"low": 0.0003, "high": 0.003, "log": True}, "batch_size": [4, 8],
@@ -71,7 +71,7 @@ def test_two_workers_share_one_postgres_study_and_nest_every_trial_in_mlflow(pro
     client.create_experiment("virtual-biopsy", artifact_location=(tmp_path / "artifacts").as_uri())
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1"}
     workers = [
-        subprocess.Popen([sys.executable, "-m", "virtual_biopsy.cli", "tune", "--root", str(paths.root),
+        subprocess.Popen([sys.executable, "-m", "virtual_biopsy.cli.main", "tune", "--root", str(paths.root),
                           "--storage", storage, "--study", "shared", "--trials", "2", "--folds", "1",
                           "--worker", str(worker)],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -58,7 +58,7 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: i
 
 def make_tiny_project(root: Path, **param_overrides: dict) -> Path:
     """A git + DVC project at ``root`` with the repo's pipeline, tiny params and tiny data."""
-    from virtual_biopsy.config import params_from_dict
+    from virtual_biopsy.core.config import params_from_dict
     from virtual_biopsy.data.synthetic import synthesize
 
     root.mkdir(parents=True, exist_ok=True)

@@ -24,13 +24,13 @@ import pandas as pd
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from virtual_biopsy.atomic import write_csv, write_json
-from virtual_biopsy.config import ACR_CATEGORIES, LABELS, PHASES, IngestConfig
+from virtual_biopsy.core.atomic import write_csv, write_json
+from virtual_biopsy.core.config import ACR_CATEGORIES, LABELS, PHASES, IngestConfig
 from virtual_biopsy.dicom.cesm import UnknownEnergyError, energy_of, is_simulated, is_synthetic
 from virtual_biopsy.dicom.read import DicomReadError, check_pixel_data, display_window, read_dataset
 from virtual_biopsy.data.layout import ENERGY_TO_MODALITY, MANIFEST_COLUMNS, METADATA_COLUMNS, pair_key
-from virtual_biopsy.parallel import map_in_processes
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.core.parallel import map_in_processes
+from virtual_biopsy.core.paths import ProjectPaths
 
 REJECTED_COLUMNS = ("file", "reason")
 

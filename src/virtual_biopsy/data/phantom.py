@@ -15,7 +15,7 @@ Anatomy of one view (:func:`render_anatomy`), shared by the LE and the DES image
 * an optional mass: benign round or oval and circumscribed (sharp smooth edge), malignant
   irregular with a blurred margin and, for most, spicules.
 
-Physics (every knob is a :class:`~virtual_biopsy.config.SynthConfig` field):
+Physics (every knob is a :class:`~virtual_biopsy.core.config.SynthConfig` field):
 
 * LE ("low energy", FFDM-like): attenuation of fat, glandular tissue and muscle. A mass is at
   least as dense as glandular tissue plus ``le_lesion_contrast * (1 + le_uptake_coupling *
@@ -40,7 +40,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import expit
 
-from virtual_biopsy.config import SynthConfig
+from virtual_biopsy.core.config import SynthConfig
 
 # Dense (fibroglandular) share of the breast area per ACR category (BI-RADS 5th ed.: a < 25 %,
 # b 25-50 %, c 50-75 %, d > 75 % -- centred inside each band).

@@ -37,12 +37,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from virtual_biopsy.atomic import atomic_path, write_csv
-from virtual_biopsy.config import PreprocessConfig
+from virtual_biopsy.core.atomic import atomic_path, write_csv
+from virtual_biopsy.core.config import PreprocessConfig
 from virtual_biopsy.data.layout import MANIFEST_COLUMNS
 from virtual_biopsy.dicom.read import DicomReadError, display_window, read_dataset, read_pixels
-from virtual_biopsy.parallel import map_in_processes
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.core.parallel import map_in_processes
+from virtual_biopsy.core.paths import ProjectPaths
 
 BACKGROUND_STRIP = 0.05  # share of the width, farthest from the chest wall, taken as background
 INDEX_COLUMNS = (*MANIFEST_COLUMNS, "row")

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from virtual_biopsy.config import (ACR_CATEGORIES, LABELS, LATERALITIES, MODALITIES, PHASES, VIEWS,
+from virtual_biopsy.core.config import (ACR_CATEGORIES, LABELS, LATERALITIES, MODALITIES, PHASES, VIEWS,
                                    ValidateDataConfig)
 from virtual_biopsy.data.layout import MANIFEST_COLUMNS
 
@@ -405,7 +405,7 @@ def _publish_docs(workspace: Path, docs_dir: Path, report: QualityReport) -> Non
     in its place is plain HTML: the verdict, every expectation, and links to GX's per-suite pages
     (which render server-side and read fine offline).
     """
-    from virtual_biopsy.atomic import atomic_dir
+    from virtual_biopsy.core.atomic import atomic_dir
 
     site = workspace / "gx" / "uncommitted" / "data_docs" / "local_site"
     if not (site / "index.html").exists():

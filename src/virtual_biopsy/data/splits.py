@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from virtual_biopsy.config import SplitConfig
+from virtual_biopsy.core.config import SplitConfig
 
 SUBSETS = ("train", "val", "test")
 STRATA = ("malignant", "benign", "none")

@@ -6,7 +6,7 @@
 DES for one breast per ACR category, like the paper's Figure 2). Same arguments, same bytes: all
 randomness comes from ``seed``, dates and UIDs are derived from it, nothing reads the clock.
 
-Cohort (defaults from the paper's Table 1, see :class:`~virtual_biopsy.config.SynthConfig`):
+Cohort (defaults from the paper's Table 1, see :class:`~virtual_biopsy.core.config.SynthConfig`):
 
 * patients ``P0001``..., one study ``S01`` each, age ~ N(56.7, 11.2) clipped to [31, 90];
 * each patient has both breasts imaged (one breast for ``1 - BILATERAL_SHARE`` of patients),
@@ -59,8 +59,8 @@ import pandas as pd
 import pydicom
 from tqdm import tqdm
 
-from virtual_biopsy.atomic import atomic_dir
-from virtual_biopsy.config import ACR_CATEGORIES, ConfigError, SynthConfig, load_params
+from virtual_biopsy.core.atomic import atomic_dir
+from virtual_biopsy.core.config import ACR_CATEGORIES, ConfigError, SynthConfig, load_params
 from virtual_biopsy.data import phantom
 from virtual_biopsy.data.layout import METADATA_COLUMNS, image_relpath
 from virtual_biopsy.dicom.cesm import SIMULATED_MARK

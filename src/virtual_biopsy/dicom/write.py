@@ -30,7 +30,7 @@ from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from virtual_biopsy.atomic import atomic_path
+from virtual_biopsy.core.atomic import atomic_path
 from virtual_biopsy.dicom.cesm import (
     DIGITAL_MG_FOR_PRESENTATION,
     IMAGE_TYPE_DES,

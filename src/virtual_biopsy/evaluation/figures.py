@@ -5,6 +5,9 @@ and closes it, so figures can also be logged to MLflow or shown in a notebook.
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import matplotlib
 
 matplotlib.use("Agg")  # headless: DVC stages and CI have no display
@@ -15,6 +18,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from virtual_biopsy.core.atomic import atomic_path  # noqa: E402
+from virtual_biopsy.core.config import ACR_CATEGORIES  # noqa: E402
 from virtual_biopsy.evaluation.settings import SETTINGS  # noqa: E402
 from virtual_biopsy.evaluation.tables import METRIC_LABELS, METRIC_NAMES  # noqa: E402
 
@@ -94,3 +99,69 @@ def roc_figure(points: pd.DataFrame) -> Figure:
         ax.legend(fontsize="small", loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def sample_grid(le: np.ndarray, des: np.ndarray, synthetic: np.ndarray) -> np.ndarray:
+    """uint8 image: one row per pair, columns LE | real DES | synthetic DES, 2 px gaps."""
+    rows = []
+    for a, b, c in zip(le, des, synthetic):
+        gap = np.ones((a.shape[0], 2), dtype=np.float32)
+        rows.append(np.concatenate([a, gap, b, gap, c], axis=1))
+        rows.append(np.ones((2, rows[-1].shape[1]), dtype=np.float32))
+    grid = np.concatenate(rows[:-1], axis=0)
+    return (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")
+
+
+def figure3(path: Path, view: str, examples: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    """Paper Figure 3 for one view: FFDM input | real CESM | synthetic CESM, one row per ACR category."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(examples), 3, figsize=(6.6, 2.2 * len(examples)), squeeze=False)
+    for row, (acr, le, des, synthetic) in enumerate(examples):
+        for col, (title, image) in enumerate((("FFDM (input)", le), ("real CESM", des), ("synthetic CESM", synthetic))):
+            ax = axes[row][col]
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(f"ACR {acr}", fontsize=9)
+    fig.suptitle(f"{view}: out-of-fold synthetic CESM (test patients)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def figure3_examples(test_sets: list[tuple[pd.DataFrame, np.ndarray]], images: np.ndarray
+                     ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """One test pair per ACR category (early-phase lesion pairs preferred), with its out-of-fold G(LE)."""
+    candidates = []
+    for pairs, synthetic in test_sets:
+        for i, pair in pairs.iterrows():
+            candidates.append((pair, synthetic[i]))
+    examples = []
+    for acr in (*ACR_CATEGORIES, ""):
+        matching = [(p, s) for p, s in candidates if _acr(p["acr"]) == acr]
+        if not matching:
+            continue
+        matching.sort(key=lambda ps: (ps[0]["phase"] != "early", ps[0]["label"] not in ("malignant", "benign"),
+                                      ps[0]["pair_key"]))
+        pair, synthetic = matching[0]
+        examples.append((acr or "n/r", images[pair["le_row"]], images[pair["des_row"]], synthetic))
+    return examples
+
+
+def _acr(value: Any) -> str:
+    return "" if pd.isna(value) else str(value)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.core.paths import ProjectPaths
 
 PREDICTION_COLUMNS = (
     "arch", "modality", "view", "fold", "subset", "lesion_id", "patient_id", "acr",

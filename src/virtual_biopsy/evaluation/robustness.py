@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from virtual_biopsy import metrics
+from virtual_biopsy.evaluation import metrics
 from virtual_biopsy.evaluation.settings import FoldData, mixed_probabilities, score
 
 ROBUSTNESS_SETTINGS = ("F", "C*", "F+C*")

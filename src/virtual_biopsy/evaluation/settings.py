@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from virtual_biopsy import metrics
-from virtual_biopsy.fusion import FusionWeights, fuse, fusion_weights
+from virtual_biopsy.evaluation import metrics
+from virtual_biopsy.models.fusion import FusionWeights, fuse, fusion_weights
 
 SETTINGS = ("F", "C", "Ĉ", "F+C", "F+Ĉ")
 # ASCII names for MLflow metric keys and file-friendly labels.

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from virtual_biopsy import metrics
+from virtual_biopsy.evaluation import metrics
 from virtual_biopsy.evaluation.settings import SETTINGS, score
 
 METRIC_NAMES = ("auc", "gmean", "mcc")

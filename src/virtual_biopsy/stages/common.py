@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from virtual_biopsy.config import Params, load_params
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.core.config import Params, load_params
+from virtual_biopsy.core.paths import ProjectPaths
 
 
 def stage_parser(stage: str, doc: str | None, *, mlflow_flag: bool = True) -> argparse.ArgumentParser:

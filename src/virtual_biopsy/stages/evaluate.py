@@ -18,11 +18,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from virtual_biopsy import evaluation as ev
-from virtual_biopsy.atomic import atomic_path, write_csv, write_json, write_text
-from virtual_biopsy.config import ConfigError, Params
+from virtual_biopsy.core.atomic import atomic_path, write_csv, write_json, write_text
+from virtual_biopsy.core.config import ConfigError, Params
+from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.evaluation import figures
 from virtual_biopsy.evaluation.settings import SETTING_SLUGS, SETTING_SYNTHETIC_SHARE
-from virtual_biopsy.paths import ProjectPaths
 from virtual_biopsy.stages.common import stage_inputs, stage_parser
 
 STAGE = "evaluate"
@@ -43,14 +43,6 @@ class EvaluationResult:
     robustness: pd.DataFrame
     acr_breakdown: pd.DataFrame
     headline: dict
-
-
-def evaluation_dir(paths: ProjectPaths) -> Path:
-    return paths.reports / "evaluation"
-
-
-def metrics_file(paths: ProjectPaths) -> Path:
-    return paths.reports / "metrics.json"
 
 
 def _save_figure(fig, path: Path) -> None:
@@ -82,7 +74,7 @@ def run_evaluation(root: str | Path, params: Params) -> EvaluationResult:
     roc = figures.roc_points(probabilities)
     headline = ev.headline_metrics(scores)
 
-    out = evaluation_dir(paths)
+    out = paths.evaluation_dir
     files = {name: out / name for name in (
         "table_a1.csv", "table_a1.md", "table3.csv", "table3.md", "robustness.csv", "acr_breakdown.csv",
         "acr_breakdown.md", "roc.csv", "fold_scores.csv", "weights.csv", "test_probabilities.csv",
@@ -104,8 +96,8 @@ def run_evaluation(root: str | Path, params: Params) -> EvaluationResult:
     else:
         del files["figure5.png"]
     _save_figure(figures.roc_figure(roc), files["roc.png"])
-    write_json(metrics_file(paths), headline)
-    return EvaluationResult(out, metrics_file(paths), files, scores, table_a1, robustness, acr, headline)
+    write_json(paths.metrics_file, headline)
+    return EvaluationResult(out, paths.metrics_file, files, scores, table_a1, robustness, acr, headline)
 
 
 def _setting_tags(arch: str, setting: str, share: int | None) -> dict[str, object]:
@@ -116,7 +108,7 @@ def _setting_tags(arch: str, setting: str, share: int | None) -> dict[str, objec
 def log_evaluation(result: EvaluationResult, root: str | Path, params: Params) -> None:
     """Log the evaluation to MLflow: headline metrics and files on the stage run, one child run
     per architecture × setting (per-fold values as steps) and per robustness point."""
-    from virtual_biopsy import tracking  # layer 4, needed only here
+    from virtual_biopsy.mlops import tracking  # layer 4, needed only here
 
     with tracking.stage_run(STAGE, root=root, params=params, tags={"archs": ",".join(params.classifier.architectures)}) as run:
         run.log_metrics({f"{arch}.{SETTING_SLUGS[setting]}.test_{m}": values.get(m)

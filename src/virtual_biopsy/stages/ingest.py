@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import sys
 
-from virtual_biopsy.config import ConfigError, Params
-from virtual_biopsy.data.ingest import IngestError, IngestResult, ingest_raw, summary_path, write_outputs
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.core.config import ConfigError, Params
+from virtual_biopsy.core.paths import ProjectPaths
+from virtual_biopsy.data.ingest import (
+    IngestError,
+    IngestResult,
+    ingest_raw,
+    summary_path,
+    write_outputs,
+)
 from virtual_biopsy.stages.common import stage_inputs, stage_parser
 
 STAGE = "ingest"
@@ -28,7 +34,7 @@ def run_ingest(paths: ProjectPaths, params: Params) -> IngestResult:
 
 def log_to_mlflow(paths: ProjectPaths, params: Params, result: IngestResult) -> None:
     """Counts as metrics; rejected report, summary and the raw contact sheet (if any) as artifacts."""
-    from virtual_biopsy import tracking
+    from virtual_biopsy.mlops import tracking
 
     counts = {k: v for k, v in result.summary.items() if isinstance(v, (int, float))}
     counts.update({f"rejected_{k}": v for k, v in result.summary["rejected_by_kind"].items()})

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import sys
 
-from virtual_biopsy.config import ConfigError, Params
-from virtual_biopsy.data.preprocess import PreprocessError, read_manifest, write_processed
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.core.config import ConfigError, Params
+from virtual_biopsy.core.paths import ProjectPaths
+from virtual_biopsy.data.preprocess import (
+    PreprocessError,
+    read_manifest,
+    write_processed,
+)
 from virtual_biopsy.stages.common import stage_inputs, stage_parser
 
 STAGE = "preprocess"
@@ -25,7 +29,7 @@ def run_preprocess(paths: ProjectPaths, params: Params) -> dict:
 
 
 def log_to_mlflow(paths: ProjectPaths, params: Params, summary: dict) -> None:
-    from virtual_biopsy import tracking
+    from virtual_biopsy.mlops import tracking
 
     with tracking.stage_run(STAGE, root=paths.root, params=params) as run:
         run.log_metrics({f"preprocess.{k}": float(v) for k, v in summary.items()})

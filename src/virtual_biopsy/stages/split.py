@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from virtual_biopsy.atomic import write_csv, write_json
-from virtual_biopsy.config import ConfigError, Params
+from virtual_biopsy.core.atomic import write_csv, write_json
+from virtual_biopsy.core.config import ConfigError, Params
+from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.splits import FoldCheck, SplitError, check_folds, make_folds
-from virtual_biopsy.paths import ProjectPaths
 from virtual_biopsy.stages.common import stage_inputs, stage_parser
 
 STAGE = "split"
@@ -61,7 +61,7 @@ def run_split(paths: ProjectPaths, params: Params) -> dict:
 
 
 def log_to_mlflow(paths: ProjectPaths, params: Params, summary: dict) -> None:
-    from virtual_biopsy import tracking
+    from virtual_biopsy.mlops import tracking
 
     out = split_reports_dir(paths)
     with tracking.stage_run(STAGE, root=paths.root, params=params) as run:

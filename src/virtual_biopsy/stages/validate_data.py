@@ -16,10 +16,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from virtual_biopsy.atomic import write_json
-from virtual_biopsy.config import ConfigError, Params
-from virtual_biopsy.data.quality import QualityError, QualityReport, image_stats, validate
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.core.atomic import write_json
+from virtual_biopsy.core.config import ConfigError, Params
+from virtual_biopsy.core.paths import ProjectPaths
+from virtual_biopsy.data.quality import (
+    QualityError,
+    QualityReport,
+    image_stats,
+    validate,
+)
 from virtual_biopsy.stages.common import stage_inputs, stage_parser
 
 STAGE = "validate_data"
@@ -54,7 +59,7 @@ def run_validation(paths: ProjectPaths, params: Params) -> QualityReport:
 
 def log_to_mlflow(paths: ProjectPaths, params: Params, report: QualityReport) -> None:
     """Stage run: metrics, results and Data Docs; parent run: the verdict (the gate reads it there)."""
-    from virtual_biopsy import tracking
+    from virtual_biopsy.mlops import tracking
 
     out = validation_dir(paths)
     metrics = {f"data_quality.{k}": float(v) for k, v in report.metrics().items()}

@@ -4,9 +4,17 @@ Usable by hand from a notebook; the stage modules call the same functions and lo
 through the ``on_epoch_end`` callback (contract in :mod:`virtual_biopsy.training.loop`).
 """
 from virtual_biopsy.training.augment import AffineAugment
-from virtual_biopsy.training.checkpoint import CheckpointError, Checkpointer
-from virtual_biopsy.training.classifier_trainer import ClassifierTrainingResult, predict_proba, train_classifier
-from virtual_biopsy.training.datasets import LabelledImageDataset, PairedImageDataset, open_images
+from virtual_biopsy.training.checkpoint import Checkpointer, CheckpointError
+from virtual_biopsy.training.classifier_trainer import (
+    ClassifierTrainingResult,
+    predict_proba,
+    train_classifier,
+)
+from virtual_biopsy.training.datasets import (
+    LabelledImageDataset,
+    PairedImageDataset,
+    open_images,
+)
 from virtual_biopsy.training.early_stopping import EarlyStopping
 from virtual_biopsy.training.generator_trainer import (
     CycleGANLoss,

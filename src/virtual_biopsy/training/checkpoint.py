@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from virtual_biopsy.atomic import write_torch
+from virtual_biopsy.core.atomic import write_torch
 
 CHECKPOINT_NAME = "last.pt"
 

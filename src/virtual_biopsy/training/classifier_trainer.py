@@ -10,20 +10,29 @@ handles imbalance in evaluation (MCC, G-mean) and fusion (MCC weights), so that 
 """
 from __future__ import annotations
 
+import hashlib
+import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from virtual_biopsy.config import ClassifierConfig
+from virtual_biopsy.core.atomic import write_text
+from virtual_biopsy.core.config import ClassifierConfig
 from virtual_biopsy.models.classifiers import MALIGNANT_CLASS
 from virtual_biopsy.training import distributed
-from virtual_biopsy.training.checkpoint import Checkpointer, restore_rng_state
+from virtual_biopsy.training.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    restore_rng_state,
+)
 from virtual_biopsy.training.datasets import LabelledImageDataset
 from virtual_biopsy.training.early_stopping import EarlyStopping
 from virtual_biopsy.training.loop import (
@@ -257,3 +266,49 @@ def predict_proba(
             logits = model(to_device(batch, device))
         out[start : start + len(chunk)] = torch.softmax(logits.float(), dim=1)[:, MALIGNANT_CLASS].cpu().numpy()
     return out
+
+
+INPUTS_KEY_FILE = "inputs.sha256"  # beside last.pt: which images the checkpoint was trained on
+
+
+def inputs_key(images: np.ndarray, train: pd.DataFrame, val: pd.DataFrame) -> str:
+    """Hash of the exact images a fold trains and early-stops on: ids and pixels.
+
+    The trainer's checkpoint fingerprint covers config, seed and data *sizes*; a change of
+    preprocessing (another image size or window) keeps the sizes and would otherwise resume,
+    or return as finished, a model trained on other pixels.
+    """
+    digest = hashlib.sha256()
+    for frame in (train, val):
+        digest.update("\n".join(frame["image_id"].astype(str)).encode())
+        digest.update(np.ascontiguousarray(images[np.sort(frame["row"].to_numpy())]).tobytes())
+    return digest.hexdigest()
+
+
+def discard_stale_checkpoint(ckpt: Path, key: str) -> None:
+    """Remove ``ckpt`` unless it was written for the inputs ``key``; then record ``key`` in it."""
+    key_file = ckpt / INPUTS_KEY_FILE
+    if ckpt.exists() and (not key_file.is_file() or key_file.read_text().strip() != key):
+        print(f"train_classifier: discarding checkpoint {ckpt} of other input images", file=sys.stderr)
+        shutil.rmtree(ckpt)
+    write_text(key_file, key + "\n")
+
+
+def train_classifier_with_resume(model: torch.nn.Module, train_ds, val_ds, cfg: ClassifierConfig, seed: int, ckpt: Path,
+                      callback, device: str) -> ClassifierTrainingResult:
+    """train_classifier, resuming from ``ckpt``; a checkpoint of another configuration is discarded.
+
+    The model folder persists between ``dvc repro`` runs so that a killed run resumes; after a
+    change of params or data its checkpoints belong to another run and are stale.
+    """
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        return train_classifier(model, train_ds, val_ds, cfg, seed, checkpoint_dir=ckpt, on_epoch_end=callback,
+                                device=device)
+    except CheckpointError as exc:
+        print(f"train_classifier: discarding stale checkpoint ({exc})", file=sys.stderr)
+        for stale in ckpt.glob("*.pt"):
+            stale.unlink()
+        model.load_state_dict(initial)
+        return train_classifier(model, train_ds, val_ds, cfg, seed, checkpoint_dir=ckpt, on_epoch_end=callback,
+                                device=device)

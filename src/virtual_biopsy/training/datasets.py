@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from virtual_biopsy.core.config import ARCHITECTURES, MODALITIES, VIEWS, GeneratorConfig
 from virtual_biopsy.training.augment import AffineAugment
 
 
@@ -140,3 +142,25 @@ def _check_image_array(images: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: expected a square image array (N, S, S), got shape {shape}")
     if images.dtype != np.float32:
         raise ValueError(f"{name}: expected float32 images in [0, 1], got dtype {images.dtype}")
+
+
+def classifier_fold_seed(seed: int, arch: str, modality: str, view: str, fold: int) -> int:
+    """Each (arch, modality, view, fold) draws its own, reproducible random stream."""
+    return derive_seed(seed, ARCHITECTURES.index(arch), MODALITIES.index(modality), VIEWS.index(view), fold)
+
+
+def labelled_dataset(images: np.ndarray, frame: pd.DataFrame, seed: int, augment: bool,
+                     strength: float = 1.0) -> LabelledImageDataset:
+    """Images of ``frame`` with labels ``y``; paper 5.1 augmentation scaled by ``strength`` when ``augment``."""
+    transform = AffineAugment(strength) if augment and strength > 0 else None
+    return LabelledImageDataset(images, frame["row"].to_numpy(), frame["y"].to_numpy(), augment=transform, seed=seed)
+
+
+def paired_dataset(images: np.ndarray, pairs: pd.DataFrame, cfg: GeneratorConfig, seed: int,
+                   augment: bool) -> PairedImageDataset:
+    return PairedImageDataset(images, pairs["le_row"].to_numpy(), pairs["des_row"].to_numpy(),
+                              augment=AffineAugment() if augment and cfg.augment else None, seed=seed)
+
+
+def generator_fold_seed(seed: int, view: str, fold: int) -> int:
+    return derive_seed(seed, VIEWS.index(view), fold)

@@ -215,7 +215,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce  # differentiable (deprecated name, still the API with autograd)
+        from torch.distributed.nn.functional import (
+            all_reduce,  # differentiable (deprecated name, still the API with autograd)
+        )
 
         x = input.float()
         # Two passes (mean, then squared deviations), not E[x^2] - E[x]^2: with few items per

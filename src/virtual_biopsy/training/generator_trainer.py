@@ -15,6 +15,8 @@ constant rate).
 from __future__ import annotations
 
 import contextlib
+import shutil
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +28,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from virtual_biopsy.config import GeneratorConfig
-from virtual_biopsy.models.cyclegan import PatchDiscriminator, ResnetGenerator, init_cyclegan_weights
+from virtual_biopsy.core.config import GeneratorConfig
+from virtual_biopsy.models.cyclegan import (
+    PatchDiscriminator,
+    ResnetGenerator,
+    init_cyclegan_weights,
+)
 from virtual_biopsy.training import distributed
-from virtual_biopsy.training.checkpoint import Checkpointer, restore_rng_state
+from virtual_biopsy.training.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    restore_rng_state,
+)
 from virtual_biopsy.training.datasets import PairedImageDataset, derive_seed
 from virtual_biopsy.training.early_stopping import EarlyStopping
 from virtual_biopsy.training.loop import (
@@ -391,3 +401,18 @@ def describe(result: GeneratorTrainingResult) -> dict[str, Any]:
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
     }
+
+
+def train_cyclegan_with_resume(train_ds, val_ds, cfg: GeneratorConfig, seed: int, ckpt: Path, callback, device: str
+                      ) -> GeneratorTrainingResult:
+    """train_cyclegan, resuming from ``ckpt``; a checkpoint of another configuration is discarded.
+
+    Under ``dvc repro`` the model folder persists between runs so that a killed run resumes; when
+    params or data changed, its checkpoints belong to another run and are stale, not resumable.
+    """
+    try:
+        return train_cyclegan(train_ds, val_ds, cfg, seed, checkpoint_dir=ckpt, on_epoch_end=callback, device=device)
+    except CheckpointError as exc:
+        print(f"train_generator: discarding stale checkpoint ({exc})", file=sys.stderr)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return train_cyclegan(train_ds, val_ds, cfg, seed, checkpoint_dir=ckpt, on_epoch_end=callback, device=device)

@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, ExplicitVRLittleEndian, generate_uid
 
-from virtual_biopsy.atomic import atomic_dir, write_csv
+from virtual_biopsy.core.atomic import atomic_dir, write_csv
 from virtual_biopsy.data.layout import METADATA_COLUMNS
 from virtual_biopsy.dicom.cesm import DIGITAL_MG_FOR_PRESENTATION, IMAGE_TYPE_DES, IMAGE_TYPE_LE
 
@@ -316,4 +316,3 @@ def _mammogram_header(tags: MammogramTags, pixels: np.ndarray) -> Dataset:
 def save_dicom(ds: Dataset, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
-

@@ -104,7 +104,7 @@ def load_pipeline(uri: str, root: Path):
     """The FusedPipeline inside the pyfunc at ``uri`` (a progress line goes to stderr)."""
     import mlflow
 
-    from virtual_biopsy import registry
+    from virtual_biopsy.mlops import registry
 
     print(f"loading {uri} ...", file=sys.stderr, flush=True)
     with registry._fluent_store(root):
@@ -114,7 +114,11 @@ def load_pipeline(uri: str, root: Path):
 
 def predict_study(fused, breasts: dict[str, BreastStudy]) -> dict[str, Any]:
     """Algorithm 1 on every breast; returns {laterality: BreastPrediction}."""
-    from virtual_biopsy.pipeline import BreastImages, predict_breasts, preprocess_dicom
+    from virtual_biopsy.serving.fused_model import (
+        BreastImages,
+        predict_breasts,
+        preprocess_dicom,
+    )
 
     size = fused.image_size
     order = sorted(breasts)
@@ -129,8 +133,9 @@ def write_imputed(fused, breasts: dict[str, BreastStudy], results: dict[str, Any
     """Each imputed CESM view as a synthetic DICOM beside nothing else (impute stage's writer)."""
     import pandas as pd
 
+    from virtual_biopsy.data.imputation import synthetic_image_id
+    from virtual_biopsy.dicom.synthetic import synthetic_dicom
     from virtual_biopsy.dicom.write import write_dataset
-    from virtual_biopsy.stages.impute import synthetic_dicom, synthetic_image_id
 
     written = []
     for lat, result in results.items():
@@ -170,9 +175,9 @@ def report_text(report: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from virtual_biopsy import pipeline
+    from virtual_biopsy.serving import fused_model
 
-    uri = args.model or f"models:/{pipeline.registered_name(DEFAULT_ARCH)}@champion"
+    uri = args.model or f"models:/{fused_model.registered_name(DEFAULT_ARCH)}@champion"
     try:
         patient, breasts, notes = read_study(Path(args.study_dir))
         fused = load_pipeline(uri, Path(args.root))
@@ -180,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         report = report_json(patient, uri, results, notes)
         if args.out:
             report["written"] = [str(p) for p in write_imputed(fused, breasts, results, Path(args.out))]
-    except (StudyError, pipeline.PipelineInputError) as exc:
+    except (StudyError, fused_model.PipelineInputError) as exc:
         print(f"predict: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - a model that cannot be loaded: say which, not a traceback

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from virtual_biopsy.config import Params, flatten, params_hash
+from virtual_biopsy.core.config import Params, flatten, params_hash
 
 EXPERIMENT_NAME = "virtual-biopsy"
 PARENT_RUN_ENV = "VBIOPSY_PARENT_RUN_ID"
@@ -230,6 +230,49 @@ class StageRun:
             yield run
 
 
+class NullRun:
+    """A run that logs nothing: what ``stage_run(..., enabled=False)`` yields (``--no-mlflow``,
+    a non-zero torchrun rank, a test). It has StageRun's methods, so code that logs never asks
+    whether there is a run."""
+
+    def __init__(self, root: str | Path = ".") -> None:
+        self.root = Path(root)
+        self.context: dict[str, str] = {}
+        self.run_id = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        pass
+
+    def __bool__(self) -> bool:
+        """False: ``if run`` reads as "is this run recorded anywhere"."""
+        return False
+
+    @contextlib.contextmanager
+    def child(self, name: str, tags: Mapping[str, Any] | None = None) -> Iterator["NullRun"]:
+        yield self
+
+
 @contextlib.contextmanager
 def _run(client, exp_id: str, root: Path, context: dict[str, str], name: str, parent_id: str | None,
          tags: Mapping[str, str]) -> Iterator[StageRun]:
@@ -289,12 +332,17 @@ def parent_run(root: str | Path = ".", params: Params | None = None) -> StageRun
 
 @contextlib.contextmanager
 def stage_run(stage: str, *, root: str | Path = ".", params: Params | None = None,
-              tags: Mapping[str, Any] | None = None, run_name: str | None = None) -> Iterator[StageRun]:
+              tags: Mapping[str, Any] | None = None, run_name: str | None = None,
+              enabled: bool = True) -> Iterator[StageRun | NullRun]:
     """Open the child run of one DVC stage under the pipeline's parent run.
 
     The stage's own params section is logged as params; the run is FAILED when the block raises.
+    ``enabled=False`` yields a :class:`NullRun` and touches no MLflow store.
     """
     root = Path(root)
+    if not enabled:
+        yield NullRun(root)
+        return
     client = get_client(root)
     exp_id = experiment_id(client, root)
     context = run_context(root, params)
@@ -326,4 +374,3 @@ def ui_command(root: str | Path = ".") -> str:
     if not _uses_embedded_store(root):
         return f"open {os.environ['MLFLOW_TRACKING_URI']} in a browser"
     return f"mlflow ui --backend-store-uri {embedded_store(root)[0]} --port 5000"
-

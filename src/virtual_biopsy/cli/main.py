@@ -14,13 +14,13 @@ import sys
 COMMANDS = {
     "synth": "virtual_biopsy.data.synthetic",
     "import": "virtual_biopsy.data.importers",
-    "pipeline": "virtual_biopsy.pipeline_runs",
-    "impute": "virtual_biopsy.stages.impute",
-    "profile": "virtual_biopsy.profiles",
-    "server": "virtual_biopsy.server",
-    "registry": "virtual_biopsy.registry_cli",
-    "predict": "virtual_biopsy.predict",
-    "tune": "virtual_biopsy.tuning",
+    "pipeline": "virtual_biopsy.mlops.pipeline_runs",
+    "impute": "virtual_biopsy.cli.impute",
+    "profile": "virtual_biopsy.cli.profile",
+    "server": "virtual_biopsy.mlops.server",
+    "registry": "virtual_biopsy.cli.registry",
+    "predict": "virtual_biopsy.serving.predict",
+    "tune": "virtual_biopsy.tuning.study",
 }
 
 

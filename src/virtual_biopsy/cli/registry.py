@@ -16,8 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from virtual_biopsy.config import ConfigError, load_params
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.core.config import ConfigError, load_params
+from virtual_biopsy.core.paths import ProjectPaths
 
 ALIASES_SHOWN = ("champion", "challenger")
 
@@ -31,11 +31,12 @@ def _context(args: argparse.Namespace):
 
 def status(args: argparse.Namespace) -> int:
     """Print every configured architecture's aliases with their gate verdicts."""
-    from virtual_biopsy import pipeline, registry
+    from virtual_biopsy.mlops import registry
+    from virtual_biopsy.serving import fused_model
 
     paths, params, _ = _context(args)
     for arch in ([args.arch] if args.arch else params.classifier.architectures):
-        name = pipeline.registered_name(arch)
+        name = fused_model.registered_name(arch)
         aliases = registry.aliases(name, paths.root)
         print(f"{name}:" + ("" if aliases else " not registered yet (run the gate stage)"))
         shown: list[str] = []
@@ -72,19 +73,22 @@ def gate_report(version: str, tags: dict[str, str]) -> str:
 
 def promote(args: argparse.Namespace) -> int:
     """Move champion to VERSION after the gate's checks pass (or with --force --reason)."""
-    from virtual_biopsy import gate, pipeline, registry, tracking
-    from virtual_biopsy.stages.gate import champion_record, decide, decision_tags
+    from virtual_biopsy.evaluation import gate_checks
+    from virtual_biopsy.evaluation.gate_checks import decide, decision_tags
+    from virtual_biopsy.mlops import registry, tracking
+    from virtual_biopsy.mlops.registry import champion_record
+    from virtual_biopsy.serving import fused_model
 
     paths, params, arch = _context(args)
-    name = pipeline.registered_name(arch)
+    name = fused_model.registered_name(arch)
     if args.force and not args.reason:
         print("registry promote: --force needs --reason \"...\" (recorded on the version)", file=sys.stderr)
         return 2
     tags = registry.get_version_tags(name, args.version, paths.root)
     if args.force:
         previous = registry.promote(name, args.version, paths.root, {
-            gate.gate_tag("promoted_by"): "manual", gate.gate_tag("forced"): "true",
-            gate.gate_tag("force_reason"): args.reason})
+            gate_checks.gate_tag("promoted_by"): "manual", gate_checks.gate_tag("forced"): "true",
+            gate_checks.gate_tag("force_reason"): args.reason})
         print(f"{name} v{args.version} -> @champion (forced: {args.reason}; previous champion: {previous or 'none'})")
         return 0
     here = tracking.data_version(paths.root)
@@ -96,24 +100,25 @@ def promote(args: argparse.Namespace) -> int:
     champion = champion_record(name, paths.root)
     if champion is not None and champion["version"] == str(args.version):
         champion = None  # compared with itself the champion check says nothing
-    decision = decide(paths, params, arch, champion)
+    decision = decide(paths, params, arch, champion, tracking.data_version(paths.root))
     registry.set_version_tags(name, args.version, decision_tags(decision), paths.root)
     if not decision.promoted:
         print(f"registry promote: {name} v{args.version} refused by the gate:", file=sys.stderr)
         for reason in decision.reasons:
             print(f"  {reason}", file=sys.stderr)
         return 1
-    previous = registry.promote(name, args.version, paths.root, {gate.gate_tag("promoted_by"): "manual"})
+    previous = registry.promote(name, args.version, paths.root, {gate_checks.gate_tag("promoted_by"): "manual"})
     print(f"{name} v{args.version} -> @champion (every gate check passed; previous champion: {previous or 'none'})")
     return 0
 
 
 def rollback(args: argparse.Namespace) -> int:
     """Move champion back to the champion it replaced."""
-    from virtual_biopsy import pipeline, registry
+    from virtual_biopsy.mlops import registry
+    from virtual_biopsy.serving import fused_model
 
     paths, _, arch = _context(args)
-    name = pipeline.registered_name(arch)
+    name = fused_model.registered_name(arch)
     try:
         current, previous = registry.rollback(name, paths.root)
     except ValueError as exc:

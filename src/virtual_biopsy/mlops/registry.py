@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from virtual_biopsy import tracking
+from virtual_biopsy.mlops import tracking
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -298,3 +298,41 @@ def rollback(name: str, root: str | Path = ".", tags: Mapping[str, Any] | None =
     set_version_tags(name, current, {"rolled_back": "true", **(tags or {})}, root)
     set_alias(name, CHAMPION, previous, root)
     return current, previous
+
+
+def champion_record(name: str, root: Path) -> dict[str, Any] | None:
+    """The current champion's version, data version and AUCs (from its tags), or None."""
+    from virtual_biopsy.evaluation.gate_checks import COMPARED_SETTINGS, slug
+
+    version = get_alias(name, CHAMPION, root)
+    if version is None:
+        return None
+    tags = get_version_tags(name, version, root)
+    return {"version": version, "data_version": tags.get("data_version"),
+            "auc": {s: tags.get(f"metric.{slug(s)}.auc") for s in COMPARED_SETTINGS}}
+
+
+SIGNATURE_BATCH = 2  # an export example of 2 keeps the batch dimension of the graph dynamic
+
+
+def register_generator(run: tracking.StageRun, view: str, generator: Any, image_size: int,
+                       serving: Mapping[str, Any]) -> dict[str, Any]:
+    """Register the serving generator as ``cesm-generator-<view>`` with alias challenger.
+
+    ``serving`` says how it was chosen (policy, fold, test metrics); those go on the version's tags.
+    """
+    name = generator_model_name(view)
+    example = np.random.default_rng(0).random((SIGNATURE_BATCH, 1, image_size, image_size), dtype=np.float32)
+    tags = {
+        "view": view, "policy": serving["policy"], "fold": serving["fold"], "image_size": image_size,
+        "data_version": run.context.get("data_version"), "git_commit": run.context.get("git_commit"),
+        "params_hash": run.context.get("params_hash"),
+        **{f"test_{k}": f"{v:.6g}" for k, v in serving["test"].items()},
+    }
+    with run.child("serving", tags={"view": view, "policy": serving["policy"]}) as serving_run:
+        version = log_and_register_pytorch(
+            serving_run, generator, "generator", name, example, tags,
+            description=f"CycleGAN FFDM->CESM generator, {view} view; serving policy {serving['policy']}",
+        )
+    set_alias(name, CHALLENGER, version, root=run.root)
+    return {"registered_model": name, "version": version, "alias": CHALLENGER}

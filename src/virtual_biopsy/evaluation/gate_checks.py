@@ -18,12 +18,25 @@ A missing or undefined (null) metric fails its check: a candidate is promoted on
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-from virtual_biopsy.config import GateConfig
+import numpy as np
+
+from virtual_biopsy.core.config import MODALITIES, VIEWS, GateConfig, Params
+from virtual_biopsy.core.paths import ProjectPaths
+from virtual_biopsy.evaluation import metrics
+from virtual_biopsy.evaluation.settings import (
+    SETTING_SLUGS,
+    lesion_table,
+    modality_probability,
+    validation_weights,
+)
+from virtual_biopsy.models.fusion import fuse
 
 PROMOTED = "promoted"
 REJECTED = "rejected"
@@ -170,3 +183,78 @@ def evaluate_candidate(cfg: GateConfig, *, metrics: Mapping[str, Mapping[str, An
         *check_generators(generator_means, cfg.generator_floors),
         *check_against_champion(metrics, data_version, champion, cfg.champion_tolerance),
     ))
+
+
+class GateInputError(ValueError):
+    """The gate's inputs are missing or broken (not a rejection: that is a normal outcome)."""
+
+
+def fold_validation(predictions, arch: str, views: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Per fold: eq. 7/8 weights from real validation predictions and the fused validation MCC."""
+    out = []
+    for fold, rows in predictions[predictions["arch"] == arch].groupby("fold", sort=True):
+        where = f"predictions of {arch} fold {fold}"
+        val = lesion_table(rows[(rows["subset"] == "val") & (rows["source"] == "real")], where)
+        weights = validation_weights(val, MODALITIES, views, where)
+        p_mod = {m: modality_probability(val, m, views, weights) for m in MODALITIES}
+        p = fuse(p_mod, weights.modalities)
+        keep = ~np.isnan(p)
+        mcc = metrics.mcc(val["label"].to_numpy()[keep], metrics.classify(p[keep])) if keep.any() else float("nan")
+        out.append({"fold": int(fold), "weights": weights, "val_mcc": float(mcc)})
+    if not out:
+        raise GateInputError(f"no predictions of {arch}: run the train_classifier stage")
+    return out
+
+
+def serving_fold(folds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fold with the best validation MCC of p (nan counts as worst; ties go to the lowest fold)."""
+    return max(folds, key=lambda f: (-np.inf if np.isnan(f["val_mcc"]) else f["val_mcc"], -f["fold"]))
+
+
+def _read_json(path: Path, stage: str) -> Any:
+    if not path.exists():
+        raise GateInputError(f"{path}: missing (run the {stage} stage first)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise GateInputError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def read_reports(paths: ProjectPaths, arch: str) -> dict[str, Any]:
+    """The gate's evidence for ``arch``, as plain dicts."""
+    all_metrics = _read_json(paths.reports / "metrics.json", "evaluate")
+    if arch not in all_metrics:
+        raise GateInputError(f"{paths.reports / 'metrics.json'}: no metrics for {arch} (run the evaluate stage)")
+    return {
+        "metrics": all_metrics[arch],
+        "validation_metrics": _read_json(paths.reports / "validation" / "metrics.json", "validate_data"),
+        "split_summary": _read_json(paths.reports / "split" / "summary.json", "split"),
+        "generator_means": {v: _read_json(paths.generator_report(v), "train_generator").get("mean", {}) for v in VIEWS},
+    }
+
+
+def slug(name: str) -> str:
+    """An MLflow-safe key for a check or setting name (``F+Ĉ`` -> ``F_Chat``)."""
+    for setting in sorted(SETTING_SLUGS, key=len, reverse=True):
+        name = name.replace(setting, SETTING_SLUGS[setting])
+    return name
+
+
+def metric_tags(arch_metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metric.<setting>.<name>`` tags: what a later gate compares the next candidate with."""
+    return {f"metric.{slug(s)}.{k}": v for s, values in arch_metrics.items() for k, v in values.items()
+            if v is not None and not k.endswith("_sem")}
+
+
+def decision_tags(decision: GateDecision) -> dict[str, str]:
+    """The decision and every check as version tags."""
+    tags = {gate_tag("decision"): decision.decision, gate_tag("reasons"): "; ".join(decision.reasons) or "none"}
+    for c in decision.checks:
+        tags[gate_tag(f"check.{slug(c.name)}")] = f"{c.verdict()} (value {c.value}, threshold {c.threshold})"
+    return tags
+
+
+def decide(paths: ProjectPaths, params: Params, arch: str, champion: dict[str, Any] | None,
+           data_version: str) -> GateDecision:
+    """Run every gate check for ``arch`` (trained on ``data_version``) against ``champion`` (None: none)."""
+    return evaluate_candidate(params.gate, data_version=data_version, champion=champion, **read_reports(paths, arch))

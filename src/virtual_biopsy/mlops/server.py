@@ -28,7 +28,7 @@ Where settings come from
     ==============================  =============================================================
 
 ``vbiopsy server check`` verifies a running server end to end from a client's side: it logs a run
-with a param, a metric and an artifact through :mod:`virtual_biopsy.tracking`, reads the artifact
+with a param, a metric and an artifact through :mod:`virtual_biopsy.mlops.tracking`, reads the artifact
 back and reports where it went. It is also the MLproject entry point ``check_stack``.
 """
 from __future__ import annotations
@@ -183,7 +183,7 @@ def check_stack(root: str | Path = ".") -> dict[str, str]:
     Returns what was checked (tracking URI, run id, artifact URI). Raises when the server is
     unreachable, refuses the login, or the artifact does not come back byte for byte.
     """
-    from virtual_biopsy import tracking
+    from virtual_biopsy.mlops import tracking
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if not uri:
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m virtual_biopsy.server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m virtual_biopsy.mlops.server", description=__doc__.split("\n\n")[0])
     _add_arguments(parser)
     args = parser.parse_args(argv)
     return args.func(args)

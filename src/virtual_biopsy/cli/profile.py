@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from virtual_biopsy.config import ConfigError, load_params, params_from_dict
+from virtual_biopsy.core.config import ConfigError, load_params, params_from_dict
 
 
 def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -10,9 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-from virtual_biopsy import tracking
-from virtual_biopsy.config import load_params
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.core.config import load_params
+from virtual_biopsy.core.paths import ProjectPaths
+from virtual_biopsy.mlops import tracking
 
 # Files a user looks at first, in reading order (those that exist are listed).
 RESULT_FILES = (

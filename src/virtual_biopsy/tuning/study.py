@@ -55,9 +55,17 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from virtual_biopsy.atomic import write_text
-from virtual_biopsy.config import ARCHITECTURES, MODALITIES, VIEWS, ClassifierConfig, ConfigError, Params, load_params
-from virtual_biopsy.paths import ProjectPaths
+from virtual_biopsy.core.atomic import write_text
+from virtual_biopsy.core.config import (
+    ARCHITECTURES,
+    MODALITIES,
+    VIEWS,
+    ClassifierConfig,
+    ConfigError,
+    Params,
+    load_params,
+)
+from virtual_biopsy.core.paths import ProjectPaths
 
 STAGE = "tune"
 SEARCHABLE = ("lr", "weight_decay", "batch_size", "augment_strength")
@@ -134,23 +142,25 @@ def tuning_folds(paths: ProjectPaths, modality: str, view: str, max_folds: int |
     fold's test patients are dropped here, before any pixel is read, so nothing downstream can
     reach them.
     """
-    from virtual_biopsy.stages import train_classifier as stage
+    from virtual_biopsy.data.cohorts import biopsy_images, patient_subsets, read_folds, read_processed_index, split_images
+    from virtual_biopsy.training.datasets import open_images
 
-    # Real images only (modality FFDM never opens data/imputed): tuning scores no synthetic CESM.
-    images, index, folds, _, _ = stage.read_inputs(paths, "FFDM")
-    real = stage.biopsy_images(index, modality, view)
+    # Real images only (data/imputed is never opened): tuning scores no synthetic CESM.
+    index, folds = read_processed_index(paths), read_folds(paths)
+    images = open_images(paths.processed_images)
+    real = biopsy_images(index, modality, view)
     if real.empty:
         raise TuningError(f"{paths.processed_index}: no early-phase biopsied {modality} {view} images")
     selected = []
     for fold in sorted(int(k) for k in folds["fold"].unique())[:max_folds]:
-        parts = stage.split_images(real, stage.patient_subsets(folds, fold), fold, require=("train", "val"))
+        parts = split_images(real, patient_subsets(folds, fold), fold, require=("train", "val"))
         selected.append(TuningFold(fold, parts["train"], parts["val"]))
     return images, selected
 
 
 def validation_score(val: pd.DataFrame, p: np.ndarray, metric: str) -> float:
     """Lesion-level validation ``metric`` (the stage's scoring); chance level when undefined."""
-    from virtual_biopsy.stages.train_classifier import score_metrics
+    from virtual_biopsy.evaluation.scoring import score_metrics
 
     value = score_metrics(val, p)[metric]
     return CHANCE[metric] if value is None or math.isnan(value) else float(value)
@@ -204,13 +214,18 @@ class ClassifierObjective:
         import optuna
 
         from virtual_biopsy.models.classifiers import build_classifier
-        from virtual_biopsy.stages.train_classifier import fold_seed
-        from virtual_biopsy.training import AffineAugment, LabelledImageDataset, predict_proba, train_classifier
+        from virtual_biopsy.training import (
+            AffineAugment,
+            LabelledImageDataset,
+            predict_proba,
+            train_classifier,
+        )
+        from virtual_biopsy.training.datasets import classifier_fold_seed
 
         cfg = trial_config(self.params.classifier, values)
         scores = []
         for position, part in enumerate(self.folds):
-            seed = fold_seed(self.params.seed, self.arch, self.modality, self.view, part.fold)
+            seed = classifier_fold_seed(self.params.seed, self.arch, self.modality, self.view, part.fold)
             augment = AffineAugment(cfg.augment_strength) if cfg.augment and cfg.augment_strength > 0 else None
             train_ds = LabelledImageDataset(self.images, part.train["row"].to_numpy(), part.train["y"].to_numpy(),
                                             augment=augment, seed=seed)
@@ -297,7 +312,7 @@ def open_study(storage, name: str, seed: int, n_startup_trials: int, n_warmup_st
 
 def study_run(study, root: Path, params: Params):
     """Handle on the study's MLflow run, made by the creating worker (waits for it on the others)."""
-    from virtual_biopsy import tracking
+    from virtual_biopsy.mlops import tracking
 
     deadline = time.monotonic() + PARENT_WAIT_S
     while PARENT_RUN_ATTR not in study.user_attrs:
@@ -350,7 +365,7 @@ def run_tuning(paths: ProjectPaths, params: Params, request: TuneRequest) -> dic
     tags = {"arch": request.arch, "modality": request.modality, "view": request.view, "optuna_study": name}
     from contextlib import nullcontext
 
-    from virtual_biopsy import tracking
+    from virtual_biopsy.mlops import tracking
 
     if request.use_mlflow and created:
         context = tracking.stage_run(STAGE, root=paths.root, params=params, tags=tags, run_name=f"tune {name}")
@@ -419,7 +434,7 @@ def _plain(value: Any) -> Any:
 
 
 def apply_command(overrides: Mapping[str, Any], study_name: str) -> list[str]:
-    from virtual_biopsy.profiles import exp_run_command
+    from virtual_biopsy.cli.profile import exp_run_command
 
     return exp_run_command(dict(overrides), f"tune-{study_name}")
 

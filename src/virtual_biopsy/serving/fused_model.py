@@ -47,12 +47,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from virtual_biopsy.atomic import write_json, write_torch
-from virtual_biopsy.config import MODALITIES, VIEWS
-from virtual_biopsy.fusion import fuse
-from virtual_biopsy.metrics import classify
+from virtual_biopsy.core.atomic import write_json, write_torch
+from virtual_biopsy.core.config import MODALITIES, VIEWS
+from virtual_biopsy.evaluation.metrics import classify
 from virtual_biopsy.models.classifiers import build_classifier
 from virtual_biopsy.models.cyclegan import ResnetGenerator
+from virtual_biopsy.models.fusion import fuse
 from virtual_biopsy.training.classifier_trainer import predict_proba
 from virtual_biopsy.training.generator_trainer import generate
 
@@ -355,7 +355,7 @@ def input_example(image_size: int, seed: int = 0):
 
 def package_dir() -> Path:
     """The ``virtual_biopsy`` package folder, shipped with the model (``code_paths``)."""
-    return Path(__file__).resolve().parent
+    return Path(__file__).resolve().parents[1]
 
 
 def pip_requirements() -> list[str]:

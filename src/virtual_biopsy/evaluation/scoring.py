@@ -1,0 +1,88 @@
+"""Scoring one trained model: lesion-level AUC/MCC/G-mean of a classifier, MSE/PSNR/SSIM of a generator.
+
+Formulas live in evaluation.metrics; this module applies them to the project's tables.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from virtual_biopsy.evaluation import metrics
+from virtual_biopsy.evaluation.predictions import PREDICTION_COLUMNS
+from virtual_biopsy.training.generator_trainer import generate
+
+
+def lesion_scores(frame: pd.DataFrame, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) per lesion: images of one lesion are averaged, as the evaluation does."""
+    per_lesion = frame.assign(p=p).groupby("lesion_id", sort=True).agg(y=("y", "first"), p=("p", "mean"))
+    return per_lesion["y"].to_numpy(), per_lesion["p"].to_numpy()
+
+
+def score_metrics(frame: pd.DataFrame, p: np.ndarray) -> dict[str, float]:
+    """Lesion-level AUC, MCC and G-mean of the max-membership classes (metrics.py)."""
+    y, q = lesion_scores(frame, p)
+    classes = metrics.classify(q)
+    return {"auc": metrics.auc(y, q), "mcc": metrics.mcc(y, classes), "gmean": metrics.gmean(y, classes)}
+
+
+def prediction_rows(frame: pd.DataFrame, p: np.ndarray, arch: str, fold: int, subset: str) -> pd.DataFrame:
+    """Rows of the predictions file (PREDICTION_COLUMNS) for the images of ``frame``."""
+    return pd.DataFrame({
+        "arch": arch, "modality": frame["modality"].to_numpy(), "view": frame["view"].to_numpy(), "fold": fold,
+        "subset": subset, "lesion_id": frame["lesion_id"].to_numpy(), "patient_id": frame["patient_id"].to_numpy(),
+        "acr": frame["acr"].to_numpy(), "label": frame["y"].to_numpy(), "source": frame["source"].to_numpy(),
+        "image_id": frame["image_id"].to_numpy(), "p_malignant": p,
+    }, columns=list(PREDICTION_COLUMNS))
+
+
+METRIC_NAMES = ("mse", "psnr", "ssim")
+
+
+def image_quality(real: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """Mean per-image MSE, PSNR and SSIM of ``predicted`` against ``real`` (both (N, S, S))."""
+    per_image = {name: [getattr(metrics, name)(r, p) for r, p in zip(real, predicted)] for name in METRIC_NAMES}
+    return {name: float(np.mean(values)) for name, values in per_image.items()}
+
+
+def evaluate_generator(generator: torch.nn.Module, images: np.ndarray, pairs: pd.DataFrame,
+                       batch_size: int, device: str) -> tuple[dict[str, float], np.ndarray]:
+    """Quality of G(LE) and of the LE-as-CESM baseline on ``pairs``; also returns G(LE)."""
+    le = np.asarray(images[pairs["le_row"].to_numpy()], dtype=np.float32)
+    des = np.asarray(images[pairs["des_row"].to_numpy()], dtype=np.float32)
+    synthetic = generate(generator, le, batch_size=batch_size, device=device)
+    quality = image_quality(des, synthetic)
+    baseline = image_quality(des, le)
+    return {**quality, **{f"baseline_{k}": v for k, v in baseline.items()}}, synthetic
+
+
+def summarize_classifier_folds(outcomes) -> dict:
+    """val_mcc.json's body: per-fold validation MCC (the fusion weights) and AUC, with test metrics
+    beside, and their means. ``outcomes`` have ``fold``, ``val``, ``test`` and ``result`` (best_epoch, epochs_run)."""
+    per_fold = [{"fold": o.fold, "val_mcc": o.val["mcc"], "val_auc": o.val["auc"], "test_mcc": o.test["mcc"],
+                 "test_auc": o.test["auc"], "best_epoch": o.result.best_epoch, "epochs_run": o.result.epochs_run}
+                for o in outcomes]
+    return {"folds": per_fold,
+            "mean": {k: metrics.mean_and_sem([f[k] for f in per_fold])[0]
+                     for k in ("val_mcc", "val_auc", "test_mcc", "test_auc")}}
+
+
+def summarize_generator_folds(view: str, outcomes, serving: dict) -> dict:
+    """The generator report (reports/generator/<VIEW>.json) the evaluation stage builds Table 3 from.
+
+    ``outcomes`` have ``fold``, ``test`` (METRIC_NAMES and their ``baseline_``), ``val_ssim``,
+    ``test_pairs`` and ``result`` (best_epoch, epochs_run, history).
+    """
+    keys = (*METRIC_NAMES, *(f"baseline_{m}" for m in METRIC_NAMES))
+    per_fold = [
+        {"fold": o.fold, **{k: o.test[k] for k in keys},
+         "best_epoch": o.result.best_epoch, "epochs_run": o.result.epochs_run, "val_ssim": o.val_ssim,
+         "test_pairs": len(o.test_pairs),
+         # learning curves (the fold's checkpoints are removed once the stage is done)
+         "val_l1_by_epoch": [h["val/l1"] for h in o.result.history],
+         "train_loss_g_by_epoch": [h["train/loss_g"] for h in o.result.history]}
+        for o in outcomes
+    ]
+    stats = {k: metrics.mean_and_sem([f[k] for f in per_fold]) for k in keys}
+    return {"view": view, "folds": per_fold, "mean": {k: v[0] for k, v in stats.items()},
+            "sem": {k: v[1] for k, v in stats.items()}, "serving": serving}

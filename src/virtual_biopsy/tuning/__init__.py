@@ -1,0 +1,1 @@
+"""``vbiopsy tune``: Optuna search over classifier hyperparameters on validation folds only."""
