@@ -176,3 +176,11 @@ def test_split_stage_fails_with_one_line_naming_the_subset(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text("seed: 3\n")
     assert split.main(["--root", str(tmp_path), "--no-mlflow"]) == 1
     assert "benign patient(s) for 5 folds" in capsys.readouterr().err
+
+
+def test_a_fold_whose_train_set_would_be_empty_is_refused():
+    # 0.79 + the test share 0.2 stays below 1 (config accepts it), but round(0.79 * 16) = 13 val
+    # patients take every patient a fold does not test
+    manifest = cohort_manifest(malignant=8, benign=5, none=3)
+    with pytest.raises(SplitError, match=r"fold 0, subset train: no patient"):
+        make_folds(manifest, SplitConfig(folds=5, val_share=0.79), seed=1)

@@ -3,12 +3,24 @@
 Every stage receives the section it needs, never the raw dict, so a typo in params.yaml is an
 error that names the key instead of a silently ignored setting. Defaults here equal the default
 profile in params.yaml; a section missing from params.yaml takes them.
+
+Validation (:func:`params_from_dict`) refuses, with a :class:`ConfigError` naming the key, the
+value and the rule, every value the pipeline cannot use: counts such as epochs, batch sizes,
+folds and workers below 1, learning rates that are not > 0, negative weight decays, loss weights
+or patience, shares outside their interval, image sizes the networks cannot take, ranges whose
+low end exceeds the high end. Numbers may be written as YAML 1.2 reads them: ``1e-3`` is a float
+(PyYAML, a YAML 1.1 reader, would otherwise hand the stage the string ``"1e-3"``).
+
+``split.test_share`` is not a free knob: every patient is tested exactly once, in one of the
+``split.folds`` folds, so the test share *is* 1 / folds. Left out or null it takes that value;
+a value that disagrees with the fold count is refused rather than silently ignored.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -80,7 +92,13 @@ class ValidateDataConfig:
 class SplitConfig:
     folds: int = 5
     val_share: float = 0.10
-    test_share: float = 0.10
+    # Realised test share: 1 / folds (each patient is tested once). None (the default) takes that
+    # value; params validation refuses any other (module docstring).
+    test_share: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.test_share is None and isinstance(self.folds, int) and self.folds > 0:
+            object.__setattr__(self, "test_share", 1 / self.folds)
 
 
 @dataclass(frozen=True)
@@ -162,6 +180,34 @@ class Params:
     tune: TuneConfig = TuneConfig()
 
 
+# YAML 1.2 reads 1e-3, 1E5 and 1.0e3 as floats; PyYAML (YAML 1.1) only when the mantissa has a dot
+# and the exponent a sign, so users' `lr: 1e-3` would arrive as the string "1e-3".
+_EXPONENT_FLOAT = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+")
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also resolves YAML 1.2 exponent floats (``1e-3``) to floats."""
+
+
+_ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(rf"^{_EXPONENT_FLOAT.pattern}$"),
+                                    list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse params-style YAML: :func:`yaml.safe_load` plus ``1e-3``-style floats."""
+    return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        value = float(value.strip().replace("_", ""))  # "1e-3" from a YAML 1.1 reader (module docstring)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    return float(value)
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Turn a YAML value into the annotated type (lists become tuples, sections dataclasses)."""
     if isinstance(annotation, str):
@@ -178,12 +224,20 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(annotation)
-        item_type = args[0] if args else Any
-        return tuple(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
+        if not args or (len(args) == 2 and args[1] is Ellipsis):  # any length, one item type
+            item_types = [args[0] if args else Any] * len(value)
+        else:  # fixed length, e.g. a (low, high) range
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected a list of {len(args)} values, got {list(value)!r}")
+            item_types = list(args)
+        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, value_type = typing.get_args(annotation) or (Any, Any)
+        return {str(k): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
     if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        return _number(value, where)
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
@@ -226,7 +280,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.exists():
         raise ConfigError(f"{path}: no such params file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     try:
@@ -235,35 +289,171 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
-def _check_values(p: Params) -> None:
-    def bad(key: str, why: str) -> None:
-        raise ConfigError(f"{key}: {why}")
+# ---------------------------------------------------------------------------------------------
+# Value rules: each failure names the key, the rule and the value
+# ---------------------------------------------------------------------------------------------
+MIN_IMAGE_SIZE = 16          # preprocess.image_size: ResNet's stem and the CycleGAN's downsampling
+MAX_IMAGE_SIZE = 4096
+IMAGE_SIZE_MULTIPLE = 4      # the CycleGAN generator downsamples twice by 2 (models/cyclegan.py)
+VGG_MIN_IMAGE_SIZE = 32      # VGG16's five max-pools leave nothing of a smaller image
+MIN_RAW_HEIGHT = 48          # synth.image_height: the phantom's smallest detector (data/synthetic.py)
+MAX_RAW_HEIGHT = 8192
+TEST_SHARE_TOLERANCE = 0.005  # so that 0.33 is accepted for 3 folds
+METRIC_RANGES = {"auc": (0.0, 1.0), "gmean": (0.0, 1.0), "mcc": (-1.0, 1.0), "ssim": (-1.0, 1.0),
+                 "psnr": (0.0, math.inf)}
 
-    if p.preprocess.image_size < 16:
-        bad("preprocess.image_size", f"must be at least 16 pixels, got {p.preprocess.image_size}")
-    if p.split.folds < 2:
-        bad("split.folds", f"needs at least 2 folds, got {p.split.folds}")
-    if not 0 < p.split.val_share < 1 or not 0 < p.split.test_share < 1:
-        bad("split", "val_share and test_share must lie in (0, 1)")
-    for arch in p.classifier.architectures:
-        if arch not in ARCHITECTURES:
-            bad("classifier.architectures", f"unknown architecture {arch!r}; choose from {ARCHITECTURES}")
-    for view in (*p.classifier.views, *p.generator.views):
-        if view not in VIEWS:
-            bad("views", f"unknown view {view!r}; choose from {VIEWS}")
-    for modality in p.classifier.modalities:
-        if modality not in MODALITIES:
-            bad("classifier.modalities", f"unknown modality {modality!r}; choose from {MODALITIES}")
-    if p.generator.serving_policy not in ("best_fold", "refit"):
-        bad("generator.serving_policy", f"must be best_fold or refit, got {p.generator.serving_policy!r}")
-    if len(p.synth.acr_mix) != 4 or abs(sum(p.synth.acr_mix) - 1) > 1e-6:
-        bad("synth.acr_mix", f"needs four shares (a, b, c, d) summing to 1, got {p.synth.acr_mix}")
-    if p.tune.metric not in ("mcc", "auc"):
-        bad("tune.metric", f"must be mcc or auc, got {p.tune.metric!r}")
+
+def _fail(key: str, why: str) -> None:
+    raise ConfigError(f"{key}: {why}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        _fail(key, f"must be at least {low}, got {value}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        _fail(key, f"must be greater than 0, got {value}")
+
+
+def _within(key: str, value: float, low: float, high: float, *, open_low: bool = False, open_high: bool = False) -> None:
+    above = low < value if open_low else low <= value
+    below = value < high if open_high else value <= high
+    if not (above and below):
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        _fail(key, f"must lie in {interval}, got {value}")
+
+
+def _range(key: str, values: tuple[float, float], low: float = -math.inf, high: float = math.inf) -> None:
+    first, last = values
+    if first > last:
+        _fail(key, f"low end {first} is above high end {last}")
+    if first < low or last > high:
+        _fail(key, f"must lie within [{low:g}, {high:g}], got {list(values)}")
+
+
+def _choices(key: str, values: tuple[str, ...], allowed: tuple[str, ...]) -> None:
+    if not values:
+        _fail(key, f"must list at least one of {allowed}")
+    for value in values:
+        if value not in allowed:
+            _fail(key, f"unknown value {value!r}; choose from {allowed}")
+        if values.count(value) > 1:
+            _fail(key, f"lists {value!r} twice")
+
+
+def _not_empty(key: str, value: str) -> None:
+    if not value.strip():
+        _fail(key, "must not be empty")
+
+
+def _check_values(p: Params) -> None:
+    _at_least("seed", p.seed, 0)
+
+    s = p.synth
+    _at_least("synth.patients", s.patients, 1)
+    _within("synth.image_height", s.image_height, MIN_RAW_HEIGHT, MAX_RAW_HEIGHT)
+    _within("synth.aspect_ratio", s.aspect_ratio, 0.3, 2.0)
+    for name in ("lesion_share", "malignant_share", "late_phase_share", "acr_missing_share",
+                 "des_glandular_suppression"):
+        _within(f"synth.{name}", getattr(s, name), 0.0, 1.0)
+    for name in ("le_lesion_contrast", "le_uptake_coupling", "bpe_strength", "malignant_enhancement",
+                 "benign_enhancement", "enhancement_spread", "noise_sd"):
+        _at_least(f"synth.{name}", getattr(s, name), 0)
+    if len(s.acr_mix) != 4 or min(s.acr_mix) < 0 or abs(sum(s.acr_mix) - 1) > 1e-6:
+        _fail("synth.acr_mix", f"needs four shares >= 0 (a, b, c, d) summing to 1, got {list(s.acr_mix)}")
+
+    _not_empty("ingest.raw_dir", p.ingest.raw_dir)
+    _within("ingest.max_rejected_share", p.ingest.max_rejected_share, 0.0, 1.0)
+    _not_empty("ingest.pseudonym_salt", p.ingest.pseudonym_salt)
+    _at_least("ingest.workers", p.ingest.workers, 1)
+
+    size = p.preprocess.image_size
+    _within("preprocess.image_size", size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    if size % IMAGE_SIZE_MULTIPLE:
+        _fail("preprocess.image_size", f"must be a multiple of {IMAGE_SIZE_MULTIPLE} (the CycleGAN generator "
+                                       f"halves it twice), got {size}")
+    _at_least("preprocess.workers", p.preprocess.workers, 1)
+
+    v = p.validate_data
+    _range("validate_data.image_mean_range", v.image_mean_range, 0.0, 1.0)
+    _range("validate_data.image_std_range", v.image_std_range, 0.0, 1.0)
+    _range("validate_data.age_range", v.age_range, 0)
+    _range("validate_data.malignant_share_range", v.malignant_share_range, 0.0, 1.0)
+    _at_least("validate_data.min_patients", v.min_patients, 1)
+    _at_least("validate_data.max_patients", v.max_patients, v.min_patients)
+
+    sp = p.split
+    _at_least("split.folds", sp.folds, 2)
+    _within("split.val_share", sp.val_share, 0.0, 1.0, open_low=True, open_high=True)
+    fold_share = 1 / sp.folds
+    if sp.val_share + fold_share >= 1:
+        _fail("split.val_share", f"{sp.val_share} plus the test share 1/{sp.folds} = {fold_share:.3g} leaves no "
+                                 f"patient to train on; keep it below {1 - fold_share:.3g}")
+    if sp.test_share is not None and abs(sp.test_share - fold_share) > TEST_SHARE_TOLERANCE:
+        _fail("split.test_share", f"must equal 1/split.folds = {fold_share:.3g} (each patient is tested once, in "
+                                  f"one of {sp.folds} folds), got {sp.test_share}; change split.folds instead, "
+                                  f"or leave test_share out")
+
+    g = p.generator
+    _choices("generator.views", g.views, VIEWS)
+    for name in ("ngf", "ndf", "n_residual_blocks", "epochs", "patience", "batch_size"):
+        _at_least(f"generator.{name}", getattr(g, name), 1)
+    _at_least("generator.warmup_epochs", g.warmup_epochs, 0)
+    _positive("generator.lr", g.lr)
+    _at_least("generator.weight_decay", g.weight_decay, 0)
+    _within("generator.beta1", g.beta1, 0.0, 1.0, open_high=True)
+    for name in ("lambda_cycle", "lambda_identity", "lambda_paired"):
+        _at_least(f"generator.{name}", getattr(g, name), 0)
+    _at_least("generator.sample_every", g.sample_every, 0)  # 0: no sample grids
+    if g.serving_policy not in ("best_fold", "refit"):
+        _fail("generator.serving_policy", f"must be best_fold or refit, got {g.serving_policy!r}")
+
+    c = p.classifier
+    _choices("classifier.architectures", c.architectures, ARCHITECTURES)
+    if "vgg16" in c.architectures and size < VGG_MIN_IMAGE_SIZE:
+        _fail("classifier.architectures", f"vgg16 needs preprocess.image_size of at least {VGG_MIN_IMAGE_SIZE}, "
+                                          f"got {size}")
+    _choices("classifier.modalities", c.modalities, MODALITIES)
+    _choices("classifier.views", c.views, VIEWS)
+    for name in ("epochs", "patience", "batch_size"):
+        _at_least(f"classifier.{name}", getattr(c, name), 1)
+    for name in ("warmup_epochs", "lr_patience"):
+        _at_least(f"classifier.{name}", getattr(c, name), 0)
+    _within("classifier.lr_factor", c.lr_factor, 0.0, 1.0, open_low=True, open_high=True)
+    _positive("classifier.lr", c.lr)
+    _at_least("classifier.weight_decay", c.weight_decay, 0)
+    _within("classifier.augment_strength", c.augment_strength, 0.0, 1.0)
+
     for section in ("generator", "classifier"):
         device = getattr(p, section).device
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-            bad(f"{section}.device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
+            _fail(f"{section}.device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+    if not p.evaluate.robustness_shares:
+        _fail("evaluate.robustness_shares", "must list at least one share (percent of CESM imputed)")
+    for i, share in enumerate(p.evaluate.robustness_shares):
+        _within(f"evaluate.robustness_shares[{i}]", share, 0, 100)
+    _at_least("evaluate.robustness_draws", p.evaluate.robustness_draws, 1)
+
+    gate = p.gate
+    for setting, floors in gate.floors.items():
+        for metric, floor in floors.items():
+            low, high = METRIC_RANGES.get(metric, (-math.inf, math.inf))
+            _within(f"gate.floors.{setting}.{metric}", floor, low, high)
+    for metric, floor in gate.generator_floors.items():
+        low, high = METRIC_RANGES.get(metric, (-math.inf, math.inf))
+        _within(f"gate.generator_floors.{metric}", floor, low, high)
+    _within("gate.imputation_tolerance", gate.imputation_tolerance, 0.0, 1.0)
+    _within("gate.champion_tolerance", gate.champion_tolerance, 0.0, 1.0)
+
+    _at_least("tune.trials", p.tune.trials, 1)
+    if p.tune.metric not in ("mcc", "auc"):
+        _fail("tune.metric", f"must be mcc or auc, got {p.tune.metric!r}")
+    _not_empty("tune.storage", p.tune.storage)
+    # tune.space (ranges and choices of the searched classifier keys) is checked by
+    # virtual_biopsy.tuning.study.check_space before a study starts.
 
 
 def params_hash(params: Params) -> str:

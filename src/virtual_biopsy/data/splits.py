@@ -19,7 +19,8 @@ How the folds are drawn (deterministic for a seed)
     4. Train: everyone else.
 
 The realised test share is 1/K (0.20 for K = 5), the only test share with which every patient is
-tested exactly once; ``SplitConfig.test_share`` is reported beside it, not enforced.
+tested exactly once; ``SplitConfig.test_share`` defaults to it and params validation refuses any
+other value (core/config.py).
 """
 from __future__ import annotations
 
@@ -187,7 +188,8 @@ def check_folds(folds: pd.DataFrame, manifest: pd.DataFrame, n_folds: int) -> Fo
 
     Checks: columns and subset names; folds 0..K-1; every manifest patient present once in every
     fold (a patient in two subsets of one fold is *leakage*, counted per patient and fold); every
-    patient in exactly one test set; both lesion classes in every val and test set (and train).
+    patient in exactly one test set; every subset non-empty in every fold; both lesion classes in
+    every val and test set (and train).
     """
     missing = set(FOLD_COLUMNS) - set(folds.columns)
     if missing:
@@ -218,6 +220,11 @@ def check_folds(folds: pd.DataFrame, manifest: pd.DataFrame, n_folds: int) -> Fo
         problems.append(f"{len(wrong)} patient(s) not in exactly one test fold, e.g. {wrong.head(3).to_dict()}")
 
     counts = fold_counts(folds, manifest)
+    present = set(zip(counts["fold"], counts["subset"]))
+    for fold in sorted(set(folds["fold"])):
+        # a subset with no patient at all has no row in counts (e.g. a val_share so large that it
+        # takes every non-test patient): name it, or the per-class check below never sees it
+        problems += [f"fold {fold}, subset {subset}: no patient" for subset in SUBSETS if (fold, subset) not in present]
     for row in counts.itertuples(index=False):
         for label in LESION_CLASSES:
             if getattr(row, f"{label}_patients") == 0:
