@@ -17,7 +17,7 @@ from stack import PostgresCluster, pg_bin
 
 from virtual_biopsy.core.config import load_params
 from virtual_biopsy.core.paths import ProjectPaths
-from virtual_biopsy.tuning import study as tuning
+from virtual_biopsy import tuning
 
 TUNE = {"trials": 2, "metric": "auc", "storage": "sqlite:///optuna.db",
         "space": {"lr": {"low": 0.0003, "high": 0.003, "log": True}, "batch_size": [4, 8],

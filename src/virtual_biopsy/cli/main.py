@@ -20,7 +20,7 @@ COMMANDS = {
     "server": "virtual_biopsy.mlops.server",
     "registry": "virtual_biopsy.cli.registry",
     "predict": "virtual_biopsy.serving.predict",
-    "tune": "virtual_biopsy.tuning.study",
+    "tune": "virtual_biopsy.cli.tune",
 }
 
 
