@@ -15,32 +15,13 @@ import pytest
 import yaml
 from stack import PostgresCluster, pg_bin
 
-from virtual_biopsy.core.config import load_params
-from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy import tuning
+from virtual_biopsy.core.config import load_params
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TUNE = {"trials": 2, "metric": "auc", "storage": "sqlite:///optuna.db",
         "space": {"lr": {"low": 0.0003, "high": 0.003, "log": True}, "batch_size": [4, 8],
                   "augment_strength": {"low": 0.0, "high": 1.0}}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def project_copy(processed_project: Path, dest: Path, tune: dict, epochs: int = 2) -> ProjectPaths:
-    shutil.copytree(processed_project / "data", dest / "data")
-    params = yaml.safe_load((processed_project / "params.yaml").read_text())
-    params["classifier"]["epochs"] = epochs
-    params["tune"] = tune
-    (dest / "params.yaml").write_text(yaml.safe_dump(params))
-    return ProjectPaths(dest)
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +39,12 @@ def postgres():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_two_workers_share_one_postgres_study_and_nest_every_trial_in_mlflow(processed_project, postgres, tmp_path):
+def test_two_workers_share_one_postgres_study_and_nest_every_trial_in_mlflow(processed_project, copy_project, postgres,
+                                                                            tmp_path):
     import mlflow
     import optuna
 
-    paths = project_copy(processed_project, tmp_path / "project", TUNE)
+    paths = copy_project(processed_project, tmp_path / "project", {"tune": TUNE})
     storage = postgres.create_database("optuna").replace("postgresql://", "postgresql+psycopg2://")
     tracking_uri = postgres.create_database("mlflow").replace("postgresql://", "postgresql+psycopg2://")
     # The tracking schema and experiment exist before the workers start (as on a team server);
@@ -100,13 +82,13 @@ def test_two_workers_share_one_postgres_study_and_nest_every_trial_in_mlflow(pro
     assert any("dvc exp run" in out and "-S classifier.lr=" in out for out in outputs)
 
 
-def test_median_pruner_stops_trials_of_a_hopeless_search_space(processed_project, tmp_path):
+def test_median_pruner_stops_trials_of_a_hopeless_search_space(processed_project, copy_project, tmp_path):
     import optuna
 
     # lr 10..100: Adam steps of that size wreck the network; the first (completed) trial sets the
     # median and later trials fall below it after an epoch or diverge outright.
     bad = {**TUNE, "space": {"lr": {"low": 10.0, "high": 100.0, "log": True}}}
-    paths = project_copy(processed_project, tmp_path, bad, epochs=3)
+    paths = copy_project(processed_project, tmp_path, {"classifier": {"epochs": 3}, "tune": bad})
     params = load_params(paths.root / "params.yaml")
     request = tuning.TuneRequest(trials=6, metric="auc", storage="sqlite:///optuna.db", study_name="hopeless",
                                  max_folds=1, use_mlflow=False, n_startup_trials=1)
@@ -123,11 +105,11 @@ def test_median_pruner_stops_trials_of_a_hopeless_search_space(processed_project
     assert states.count(optuna.trial.TrialState.PRUNED) >= 3
 
 
-def test_tuning_never_reads_the_pixels_of_test_patients(processed_project, tmp_path):
+def test_tuning_never_reads_the_pixels_of_test_patients(processed_project, copy_project, tmp_path):
     import pandas as pd
 
-    clean = project_copy(processed_project, tmp_path / "clean", TUNE)
-    poisoned = project_copy(processed_project, tmp_path / "poisoned", TUNE)
+    clean = copy_project(processed_project, tmp_path / "clean", {"tune": TUNE})
+    poisoned = copy_project(processed_project, tmp_path / "poisoned", {"tune": TUNE})
     # Every image of fold 0's test patients becomes NaN: reading any of them makes a loss NaN.
     # (Each patient is a test patient of some fold, so the check tunes on fold 0 alone.)
     index = pd.read_csv(poisoned.processed_index, dtype={"patient_id": str}, keep_default_na=False)
@@ -159,3 +141,32 @@ def test_best_params_apply_command_sets_dotted_classifier_keys():
                          "classifier.lr": 0.00123457, "classifier.augment": False}
     command = tuning.apply_command(overrides, "s")
     assert command[:5] == ["dvc", "exp", "run", "-n", "tune-s"] and "classifier.lr=0.00123457" in command
+
+
+def test_joining_a_study_made_with_another_fold_count_is_refused(processed_project, copy_project, tmp_path):
+    paths = copy_project(processed_project, tmp_path / "project", {"tune": TUNE})
+    params = load_params(paths.root / "params.yaml")
+    one_fold = tuning.TuneRequest(trials=1, metric="auc", storage="sqlite:///optuna.db", study_name="s",
+                                  max_folds=1, use_mlflow=False)
+    tuning.run_tuning(paths, params, one_fold)
+    two_folds = tuning.TuneRequest(**{**one_fold.__dict__, "max_folds": None})
+    with pytest.raises(tuning.TuningError, match=r"study s was created with folds \[0\] \(this run: \[0, 1\]\)"):
+        tuning.run_tuning(paths, params, two_folds)
+    wider = copy_project(processed_project, tmp_path / "wider",
+                         {"tune": {**TUNE, "space": {**TUNE["space"], "batch_size": [4, 8, 16]}}})
+    shutil.copy(paths.root / "optuna.db", wider.root / "optuna.db")
+    with pytest.raises(tuning.TuningError, match="study s was created with space"):
+        tuning.run_tuning(wider, load_params(wider.root / "params.yaml"), one_fold)
+
+
+def test_tune_prints_a_line_per_epoch_and_trial_when_not_on_a_terminal(processed_project, copy_project, tmp_path):
+    paths = copy_project(processed_project, tmp_path / "project", {"tune": TUNE})
+    done = subprocess.run([sys.executable, "-m", "virtual_biopsy.cli.main", "tune", "--root", str(paths.root),
+                           "--trials", "1", "--folds", "1", "--no-mlflow"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    epochs = load_params(paths.root / "params.yaml").classifier.epochs
+    lines = done.stderr.splitlines()
+    for epoch in range(1, epochs + 1):
+        assert any(f"trial 0 fold 0 epoch {epoch}/{epochs}: val auc" in line for line in lines), done.stderr
+    assert any("trial 0 complete (value" in line and "1/1 done" in line for line in lines), done.stderr

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +149,7 @@ class ClassifierObjective:
     folds: list[TuningFold]
     parent: StageRun | NullRun = field(default_factory=NullRun)
     device: str = "cpu"
+    log_line: Callable[[str], None] | None = None  # per-epoch progress when not on a terminal
 
     def __call__(self, trial) -> float:
         import optuna
@@ -195,6 +196,9 @@ class ClassifierObjective:
                 run.log_metrics({f"val_{self.metric}": score, "val_loss": metrics["val/loss"],
                                  "train_loss": metrics["train/loss"]}, step=step)
                 trial.report(score, step)
+                if self.log_line is not None:
+                    self.log_line(f"trial {trial.number} fold {part.fold} epoch {epoch + 1}/{cfg.epochs}: "
+                                  f"val {self.metric} {score:.3f}")
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"trial {trial.number}: val {self.metric} {score:.3f} at step {step} "
                                              "is below the median of earlier trials")

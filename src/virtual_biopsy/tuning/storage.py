@@ -64,3 +64,27 @@ def without_password(url: str) -> str:
     scheme, rest = url.split("://", 1)
     credentials, host = rest.rsplit("@", 1)
     return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+
+
+IDENTITY_ATTR = "identity"
+
+
+def check_study_identity(study, identity: dict, created: bool) -> None:
+    """Record what a new study optimises, or refuse to join one that optimises something else.
+
+    ``identity``: the classifier (arch, modality, view), the metric, the folds averaged over and
+    the search space. A worker joining with another fold count or space would mix objectives
+    that are not comparable in one TPE model and one "best trial".
+    """
+    if created:
+        study.set_user_attr(IDENTITY_ATTR, identity)
+        return
+    recorded = study.user_attrs.get(IDENTITY_ATTR)
+    if recorded is None:
+        raise TuningError(f"study {study.study_name}: has no recorded identity (made by an older version); "
+                          "use another --study name")
+    differs = [key for key in sorted(set(identity) | set(recorded)) if identity.get(key) != recorded.get(key)]
+    if differs:
+        what = "; ".join(f"{key} {recorded.get(key)!r} (this run: {identity.get(key)!r})" for key in differs)
+        raise TuningError(f"study {study.study_name} was created with {what}: its trials are not comparable "
+                          "with this run's; use another --study name or the study's settings")

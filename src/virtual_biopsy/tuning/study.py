@@ -12,6 +12,7 @@ Result
 from __future__ import annotations
 
 import shlex
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,7 +26,13 @@ from virtual_biopsy.core.config import ARCHITECTURES, MODALITIES, VIEWS, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.mlops import tracking
 from virtual_biopsy.tuning.objective import METRICS, ClassifierObjective, TuningError, check_space, tuning_folds
-from virtual_biopsy.tuning.storage import default_study_name, open_storage, open_study, without_password
+from virtual_biopsy.tuning.storage import (
+    check_study_identity,
+    default_study_name,
+    open_storage,
+    open_study,
+    without_password,
+)
 
 STAGE = "tune"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
@@ -87,6 +94,12 @@ def run_tuning(paths: ProjectPaths, params: Params, request: TuneRequest) -> dic
     storage = open_storage(request.storage, paths.root)
     study, created = open_study(storage, name, derive_seed(params.seed, request.worker) % 2**32, request.n_startup_trials,
                                 request.n_warmup_steps)
+    check_study_identity(study, {"arch": request.arch, "modality": request.modality, "view": request.view,
+                                 "metric": request.metric, "folds": [f.fold for f in folds],
+                                 "space": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in space.items()}},
+                         created)
+    # On a terminal tqdm draws a bar; otherwise (CI, a log file, nohup) one line per epoch and trial.
+    log_line = None if sys.stderr.isatty() else (lambda line: print(f"tune {name}: {line}", file=sys.stderr, flush=True))
     tags = {"arch": request.arch, "modality": request.modality, "view": request.view, "optuna_study": name}
     # The creating worker owns the study's run; the others nest their trials under it, and without
     # MLflow every run is a NullRun.
@@ -100,12 +113,20 @@ def run_tuning(paths: ProjectPaths, params: Params, request: TuneRequest) -> dic
                             "space": yaml.safe_dump(space, default_flow_style=True).strip()})
         parent = study_run(study, paths.root, params) if request.use_mlflow and not created else own_run
         objective = ClassifierObjective(params, request.arch, request.modality, request.view, request.metric, space,
-                                        images, folds, parent, request.device)
+                                        images, folds, parent, request.device, log_line)
         with tqdm(total=request.trials, desc=f"tune {name}", disable=None) as bar:
+            finished = []  # this worker's trials (a disabled bar does not count)
+
             def progress(study, trial) -> None:
+                finished.append(trial.number)
                 bar.update(1)
                 best = _best_or_none(study)
                 bar.set_postfix(best=f"{best.value:.3f}" if best else "-", state=trial.state.name.lower())
+                if log_line is not None:
+                    value = f"{trial.value:.3f}" if trial.value is not None else "-"
+                    log_line(f"trial {trial.number} {trial.state.name.lower()} (value {value}); "
+                             f"best {f'{best.value:.3f} (trial {best.number})' if best else '-'}; "
+                             f"{len(finished)}/{request.trials} done")
 
             study.optimize(objective, n_trials=request.trials, callbacks=[progress])
         best = _best_or_none(study)
