@@ -28,9 +28,12 @@ esac
 # One parent MLflow run for this pipeline run: every stage's run nests under it.
 VBIOPSY_PARENT_RUN_ID="$(vbiopsy pipeline start)"
 export VBIOPSY_PARENT_RUN_ID
+# If dvc repro fails or is stopped, the parent still ends: KILLED when a stage was killed, else FAILED.
+trap 'vbiopsy pipeline finish --aborted "$VBIOPSY_PARENT_RUN_ID" || true' EXIT
 
 echo "==> dvc repro (stages that are up to date are skipped)"
 dvc repro
 
+trap - EXIT
 vbiopsy pipeline finish "$VBIOPSY_PARENT_RUN_ID"
 vbiopsy pipeline summary

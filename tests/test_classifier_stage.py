@@ -213,11 +213,20 @@ def test_cesm_stage_writes_contract_predictions_with_real_and_synthetic_rows(ces
     weights = json.loads(paths.val_mcc(ARCH, "CESM", "CC").read_text())
     assert [f["fold"] for f in weights["folds"]] == folds
     assert all(-1 <= f["val_mcc"] <= 1 for f in weights["folds"])
+    model_dir = resumed.classifier_dir(ARCH, "FFDM", "MLO")
+    model_dir.mkdir(parents=True)
+    (model_dir / "fold7.pt").write_bytes(b"a fold of an older run with more folds")
 
 
 def test_saved_fold_weights_reproduce_the_written_test_probabilities(cesm_run):
     paths, _ = cesm_run
+    # Fold 0 finished, but its weights only join the folder with every other fold's; its checkpoint
+    # and fold 1's stay where the resumed run looks for them.
+    assert sorted(p.name for p in model_dir.iterdir()) == ["checkpoints", "fold7.pt"]
+    assert (model_dir / "checkpoints" / "fold0" / "last.pt").is_file()
+    assert (model_dir / "checkpoints" / "fold1" / "last.pt").is_file()
     model, info = load_classifier(paths.classifier_weights(ARCH, "CESM", "CC", 0))
+    assert sorted(p.name for p in model_dir.iterdir()) == ["fold0.pt", "fold1.pt", "val_mcc.json"]
     assert (info["arch"], info["modality"], info["view"], info["fold"]) == (ARCH, "CESM", "CC", 0)
     predictions = read_predictions_file(predictions_path(paths, ARCH, "CESM", "CC"), ARCH, "CESM", "CC")
     test = predictions[(predictions["fold"] == 0) & (predictions["subset"] == "test") & (predictions["source"] == "real")]

@@ -49,7 +49,14 @@ def test_rerun_reproduces_the_report(generator_project, tmp_path):
     before = report(generator_project)
     copy = tmp_path / "project"  # a copy, so the shared project keeps its registered report
     shutil.copytree(generator_project, copy, ignore=shutil.ignore_patterns("mlruns"))
+    model_dir = ProjectPaths(copy).generator_dir("CC")
+    (model_dir / "fold7.pt").write_bytes(b"a fold of an older run with more folds")
     assert train_generator.main(["--view", "CC", "--root", str(copy), "--no-mlflow"]) == 0
+    # The model folder is replaced as one set: the stale fold is gone, the weights are the same bytes.
+    assert sorted(p.name for p in model_dir.iterdir()) == ["fold0.pt", "fold1.pt", "serving.pt"]
+    assert sorted(p.name for p in model_dir.parent.iterdir()) == ["CC"]
+    for name in ("fold0.pt", "fold1.pt"):
+        assert (model_dir / name).read_bytes() == (generator_project / "models" / "generator" / "CC" / name).read_bytes()
     after = report(copy)
     assert [f["ssim"] for f in after["folds"]] == pytest.approx([f["ssim"] for f in before["folds"]])
     assert [f["best_epoch"] for f in after["folds"]] == [f["best_epoch"] for f in before["folds"]]

@@ -1,6 +1,10 @@
 """impute stage: out-of-fold synthetic CESM and its DICOM export (fixture ``generator_project``)."""
 from __future__ import annotations
 
+import hashlib
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pydicom
@@ -82,3 +86,12 @@ def test_synthetic_dicom_round_trips_marked_synthetic_and_references_its_source(
     restored = ds.pixel_array / 4095.0
     oriented = np.fliplr(restored) if source.PatientOrientation[0] == "A" else restored
     np.testing.assert_allclose(oriented, images[int(row["row"])], atol=1 / 4095)
+
+
+def test_rerun_replaces_imputed_as_one_set_with_the_same_bytes(imputed, tmp_path):
+    paths, _, _ = imputed
+    copy = ProjectPaths(Path(shutil.copytree(paths.root, tmp_path / "project", ignore=shutil.ignore_patterns("mlruns"))))
+    digests = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(paths.imputed_dir.iterdir())}
+    (copy.imputed_dir / "stale.npy").write_bytes(b"of an older run")
+    assert impute.main(["--root", str(copy.root), "--no-mlflow"]) == 0
+    assert {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(copy.imputed_dir.iterdir())} == digests

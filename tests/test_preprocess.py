@@ -1,13 +1,16 @@
 """Preprocess (paper 4.1): padding value and side, orientation, contrast stretch, range, shape."""
 from __future__ import annotations
 
+import hashlib
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from virtual_biopsy.core.paths import ProjectPaths
+from virtual_biopsy.data import preprocess as preprocess_module
 from virtual_biopsy.data.layout import MANIFEST_COLUMNS
 from virtual_biopsy.data.preprocess import (
     BACKGROUND_STRIP,
@@ -125,6 +128,31 @@ def test_stage_rows_match_preprocessing_each_file_alone(processed):
 
 
 def test_stage_names_the_missing_manifest(tmp_path, capsys):
+
+
+def _digests(folder) -> dict[str, str]:
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_processed_folder_is_replaced_as_one_set(processed, tmp_path, monkeypatch):
+    """A rerun dying between the array and its index keeps the previous pair; a full rerun gives
+    the same bytes and drops a file the stage does not write."""
+    root = Path(shutil.copytree(processed.root, tmp_path / "project"))
+    paths = ProjectPaths(root)
+    before = _digests(paths.processed_dir)
+    (paths.processed_dir / "stale.csv").write_text("of an older run")
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed while writing the index")
+
+    monkeypatch.setattr(preprocess_module, "write_csv", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        preprocess_stage.main(["--root", str(root), "--no-mlflow"])
+    assert _digests(paths.processed_dir) == {**before, "stale.csv": hashlib.md5(b"of an older run").hexdigest()}
+    monkeypatch.undo()
+    assert preprocess_stage.main(["--root", str(root), "--no-mlflow"]) == 0
+    assert _digests(paths.processed_dir) == before
+    assert sorted(p.name for p in paths.processed_dir.parent.iterdir()) == ["interim", "processed", "raw"]
     (tmp_path / "params.yaml").write_text("preprocess:\n  workers: 1\n")
     assert preprocess_stage.main(["--root", str(tmp_path), "--no-mlflow"]) == 1
     err = capsys.readouterr().err

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from virtual_biopsy.core.atomic import restore_interrupted_swap
 from virtual_biopsy.core.paths import ProjectPaths
 
 BIOPSY_LABELS = {"malignant": 1, "benign": 0}
@@ -193,9 +194,12 @@ TEXT_COLUMNS = {"image_id": str, "patient_id": str, "study_id": str, "source_ima
 
 
 def require_inputs(paths_and_stages: list[tuple[Path, str]]) -> None:
-    """Raise FileNotFoundError naming the first missing input and the stage that writes it."""
+    """Raise FileNotFoundError naming the first missing input and the stage that writes it.
+
+    An input missing because its set's swap was interrupted (core.atomic) is put back first.
+    """
     for path, stage in paths_and_stages:
-        if not path.exists():
+        if not path.exists() and not restore_interrupted_swap(path):
             raise FileNotFoundError(f"{path}: missing (run the {stage} stage first)")
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from virtual_biopsy.core.atomic import atomic_path, write_csv
+from virtual_biopsy.core.atomic import atomic_dir, staged_path, write_csv
 from virtual_biopsy.core.config import PreprocessConfig
 from virtual_biopsy.data.layout import MANIFEST_COLUMNS
 from virtual_biopsy.dicom.read import DicomReadError, display_window, read_dataset, read_pixels
@@ -201,13 +201,15 @@ def write_processed(manifest: pd.DataFrame, raw_dir: Path, cfg: PreprocessConfig
     size = cfg.image_size
     tasks = [(os.path.join(raw_dir, rel), lat) for rel, lat in zip(manifest["source_path"], manifest["laterality"])]
     index = manifest[list(MANIFEST_COLUMNS)].assign(row=range(len(manifest)))
-    with atomic_path(paths.processed_images, suffix=".npy") as tmp_images:
+    # The array and its index are one set: built in a staging folder, swapped in together.
+    with atomic_dir(paths.processed_dir) as staged:
+        images = staged_path(paths.processed_images, paths.processed_dir, staged)
         # The header and the file at its full size; the workers write the rows into it.
-        array = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.float32, shape=(len(tasks), size, size))
+        array = np.lib.format.open_memmap(images, mode="w+", dtype=np.float32, shape=(len(tasks), size, size))
         offset = array.offset
         del array
-        preprocess_into(tasks, size, cfg.workers, tmp_images, offset)
-        write_csv(paths.processed_index, index)
+        preprocess_into(tasks, size, cfg.workers, images, offset)
+        write_csv(staged_path(paths.processed_index, paths.processed_dir, staged), index)
     seconds = time.perf_counter() - started
     return {"images": len(tasks), "image_size": size, "seconds": round(seconds, 3),
             "images_per_second": round(len(tasks) / seconds, 2) if seconds > 0 else 0.0}

@@ -3,6 +3,13 @@
 ``make demo`` and CI call ``start`` before ``dvc repro`` and export the printed run id as
 ``VBIOPSY_PARENT_RUN_ID`` so every stage's run nests under one parent; ``finish`` closes it with
 the headline metrics; ``summary`` tells the user where the results are.
+
+Between ``start`` and ``finish`` each stage reopens the parent and ends it again with the
+pipeline's status so far (tracking's module doc), so a driver that dies before ``finish`` leaves
+no RUNNING parent once a stage has run. ``finish`` sets the final status: by default the stages'
+verdict (FAILED if the latest attempt of a stage failed, KILLED if one was killed, FINISHED
+otherwise); ``--aborted`` (a driver's exit trap) says the pipeline did not complete: the stages'
+FAILED or KILLED, else FAILED; ``--status`` sets it outright.
 """
 from __future__ import annotations
 
@@ -33,13 +40,14 @@ def start(args: argparse.Namespace) -> int:
 
 def finish(args: argparse.Namespace) -> int:
     root = Path(args.root)
-    client = tracking.get_client(root)
-    run = tracking.StageRun(client, args.run_id, "", root, {})
     headline = ProjectPaths(root).reports / "metrics.json"
-    if headline.exists():
+    if headline.exists() and not args.aborted:  # an aborted run's metrics.json is an older run's
+        run = tracking.StageRun(tracking.get_client(root), args.run_id, "", root, {})
         run.log_metrics(_flatten_numbers(json.loads(headline.read_text())))
         run.log_artifact(headline)
-    client.set_terminated(args.run_id, status="FINISHED")
+    status = tracking.finish_pipeline_run(root, args.run_id, args.status, aborted=args.aborted)
+    if status == "RUNNING":
+        print(f"pipeline run {args.run_id}: a stage under it is still running; it ends the run when it ends")
     return 0
 
 
@@ -65,10 +73,14 @@ def summary(args: argparse.Namespace) -> int:
         print("\n" + table.read_text())
     gate = root / "reports/gate.json"
     if gate.exists():
+        from virtual_biopsy.mlops import registry  # version numbers live in the registry, not in gate.json
+
         for arch, entry in json.loads(gate.read_text()).items():
-            champion = entry.get("champion") or "none"
-            print(f"Gate {arch}: {entry['registered_model']} v{entry['version']} {entry['decision']}"
-                  f" (champion: v{champion}); details: vbiopsy registry status")
+            name = entry["registered_model"]
+            challenger = registry.get_alias(name, registry.CHALLENGER, root)
+            champion = registry.get_alias(name, registry.CHAMPION, root)
+            print(f"Gate {arch}: {name} v{challenger or '?'} {entry['decision']}"
+                  f" (champion: {'v' + champion if champion else 'none'}); details: vbiopsy registry status")
     print("\nMLflow UI on these runs:")
     print(f"  {tracking.ui_command(root)}   # then open http://127.0.0.1:5000")
     print("Compare runs by settings: filter with  tags.stage = 'evaluate'  and sort by metrics.test_auc\n")
@@ -82,6 +94,10 @@ def register(subparsers) -> None:
     actions.add_parser("start", help="open a parent run and print its id").set_defaults(func=start)
     done = actions.add_parser("finish", help="log headline metrics on the parent run and close it")
     done.add_argument("run_id")
+    done.add_argument("--status", choices=("FINISHED", "FAILED", "KILLED"), default=None,
+                      help="final status (default: from the stage runs under it)")
+    done.add_argument("--aborted", action="store_true",
+                      help="the pipeline did not complete (exit trap): FAILED unless a stage says KILLED")
     done.set_defaults(func=finish)
     actions.add_parser("summary", help="print where the results are and how to open the MLflow UI").set_defaults(
         func=summary

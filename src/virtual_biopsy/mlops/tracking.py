@@ -14,6 +14,36 @@ How runs are shaped
     ``VBIOPSY_PARENT_RUN_ID`` when a driver (``make demo``, CI) pins one. Every run carries the
     tags ``stage``, ``git_commit``, ``data_version``, ``params_hash`` (plus arch, modality, view,
     fold, setting where they apply), so the MLflow UI compares like with like.
+
+How runs end (no run stays RUNNING)
+    A stage run and its nested runs end FINISHED when their block completes, FAILED when it
+    raises, KILLED when the process is stopped: while a run is open, SIGTERM, SIGINT and SIGHUP
+    raise :class:`Interrupted` (a KeyboardInterrupt) in the main thread, so every ``with`` block
+    closes its run, and once they are closed the signal is handed to the handler that was there
+    before (SIGTERM still kills the process, so DVC and torchrun see it die of the signal). Runs of a
+    process that could not react (SIGKILL, the OOM killer, a crash) carry the tag ``process``
+    (host, PID namespace, PID, start time); the next stage on that host marks them KILLED.
+
+    The parent is RUNNING while one of its stages runs and ended otherwise: each stage reopens it
+    when it starts and, when it ends, closes it if no stage run under it is still RUNNING (the last
+    stage to end sees every other one ended, so the parent is never left RUNNING). Its status is
+    then the pipeline's so far, judged by the latest attempt of each stage (run name): FAILED if
+    one failed, else KILLED if one was killed, else FINISHED; its end time is the end of the latest
+    stage, so its duration spans the whole pipeline run. This holds for an implicit parent (a bare
+    ``dvc repro``) and for a pinned one; ``vbiopsy pipeline finish`` closes a pinned parent for
+    good with the headline metrics.
+
+One parent per pipeline key, also when stages run concurrently
+    MLflow picks run ids itself and has no create-if-absent, so the parent cannot have a
+    deterministic id. On a SQLite store (the embedded default) a lock file beside the database
+    (``mlflow.db.lock``, flock: released by the OS if its holder dies) makes "search, else
+    create" atomic, so a second parent is never made. A PostgreSQL store or a tracking server,
+    shared by several machines, has no such lock: there a stage that made a parent waits
+    :data:`PARENT_SETTLE_S`, searches again and, if an older implicit parent of the same key
+    exists, deletes its own (tag ``duplicate_of``) and joins the oldest; every stage that ends
+    also moves the children of any younger duplicate to the oldest and deletes the duplicate, so
+    even two creations that crossed unseen end as one parent. The oldest is the one all
+    processes agree on: a parent, once made, only ever meets younger rivals.
 """
 from __future__ import annotations
 
@@ -22,7 +52,12 @@ import hashlib
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +71,12 @@ EXPERIMENT_NAME = "virtual-biopsy"
 PARENT_RUN_ENV = "VBIOPSY_PARENT_RUN_ID"
 EXPERIMENT_ENV = "VBIOPSY_EXPERIMENT"
 PIPELINE_KEY_TAG = "pipeline_key"
+# "pinned" (made by `vbiopsy pipeline start`) or "implicit" (made by the first stage of a bare dvc repro).
+PARENT_KIND_TAG = "pipeline_parent"
+DUPLICATE_TAG = "duplicate_of"  # on a deleted duplicate parent: the parent its children moved to
+PROCESS_TAG = "process"  # host/pid-namespace:pid:start-ticks of the process that holds the run open
+KILLED_BY_TAG = "killed_by"  # SIGTERM, SIGINT, ... or "process gone"
+PARENT_SETTLE_S = 0.5  # how long a stage that made a parent on a shared store waits for rivals
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
@@ -84,7 +125,54 @@ def get_client(root: str | Path = "."):
     if _uses_embedded_store(root):
         (Path(root) / "mlruns" / "artifacts").mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(root)
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # The client opens the store at once; on a new SQLite file that creates the schema, which
+    # processes starting together (parallel stages) would race to do.
+    with _store_lock(uri):
+        return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for an in-memory or non-SQLite store)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+_held_locks: dict[Path, int] = {}
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Exclusive among processes on one SQLite store (flock on ``<db>.lock``); a no-op otherwise.
+
+    Re-entrant within a process (flock would deadlock on a second open of the same file).
+    """
+    store = _sqlite_file(uri)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the create-then-dedupe rule alone keeps one parent
+        fcntl = None
+    if store is None or fcntl is None:
+        yield
+        return
+    lock = store.with_name(store.name + ".lock").resolve()
+    if _held_locks.get(lock):
+        _held_locks[lock] += 1
+        try:
+            yield
+        finally:
+            _held_locks[lock] -= 1
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        _held_locks[lock] = 1
+        try:
+            yield
+        finally:
+            _held_locks[lock] = 0
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def experiment_id(client, root: str | Path = ".", name: str | None = None) -> str:
@@ -147,6 +235,200 @@ def run_context(root: str | Path = ".", params: Params | None = None) -> dict[st
     key = "|".join(context[k] for k in ("git_commit", "data_version", "params_hash"))
     context[PIPELINE_KEY_TAG] = hashlib.sha256(key.encode()).hexdigest()[:16]
     return context
+
+
+# ---------------------------------------------------------------------------------------------
+# Termination signals: a stopped process closes its runs
+# ---------------------------------------------------------------------------------------------
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+FORCE_AFTER_S = 3.0  # a repeat of the signal later than this no longer waits for the runs to close
+
+
+class Interrupted(KeyboardInterrupt):
+    """A termination signal raised as an exception (``signum`` says which), so ``with`` blocks,
+    ``finally`` clauses and every ``except KeyboardInterrupt`` (Optuna's trial FAIL) run."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+class _SignalState:
+    depth = 0  # nesting of signals_as_exceptions (main thread only)
+    previous: dict[int, Any] = {}
+    owner_pid: int | None = None
+    defer = 0  # nesting of deferred_signals
+    pending: int | None = None
+    fired_at: float | None = None
+
+
+_signals = _SignalState()
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _hand_to_previous(signum: int, frame: Any = None) -> None:
+    """Do with ``signum`` what the process would have done had we not been installed."""
+    previous = _signals.previous.get(signum, signal.SIG_DFL)
+    if previous == signal.SIG_IGN:
+        return
+    if callable(previous):
+        previous(signum, frame)  # Python's SIGINT handler raises KeyboardInterrupt
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)  # default action: the process ends, killed by this signal
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    state = _signals
+    # A process forked while we were installed (a DataLoader worker) inherits this handler; it
+    # owns no run, so it reacts as it would have without us.
+    if os.getpid() != state.owner_pid or state.depth == 0:
+        _hand_to_previous(signum, frame)
+        return
+    if state.fired_at is not None:
+        if time.monotonic() - state.fired_at < FORCE_AFTER_S:
+            return  # a repeat (the terminal and a supervisor both sent it): the runs are being closed
+        _restore_handlers()
+        _hand_to_previous(signum, frame)  # asked again while closing hangs: give up on the runs
+        return
+    if state.defer:
+        state.pending = state.pending or signum
+        return
+    state.fired_at = time.monotonic()
+    raise Interrupted(signum)
+
+
+def _restore_handlers() -> None:
+    for signum, previous in _signals.previous.items():
+        if signal.getsignal(signum) is _on_signal:  # replaced by someone since: leave theirs
+            signal.signal(signum, previous)
+
+
+@contextlib.contextmanager
+def signals_as_exceptions() -> Iterator[None]:
+    """Inside this block SIGTERM, SIGINT and SIGHUP raise :class:`Interrupted` in the main thread.
+
+    Nested blocks share one installation. Leaving the outermost restores the previous handlers
+    and, when it is left by an :class:`Interrupted`, hands the signal to the previous handler
+    (default SIGTERM: the process dies of it now; Python's SIGINT: KeyboardInterrupt goes on up).
+    A signal that was ignored (``nohup``, a background job) stays ignored; a handler set outside
+    Python is left alone; in other threads this is a no-op.
+    """
+    state = _signals
+    if not _main_thread():
+        yield
+        return
+    if state.depth == 0:
+        state.owner_pid, state.previous, state.pending, state.fired_at = os.getpid(), {}, None, None
+        for signum in SIGNALS:
+            previous = signal.getsignal(signum)
+            if previous == signal.SIG_IGN or previous is None:
+                continue
+            state.previous[signum] = previous
+            signal.signal(signum, _on_signal)
+    state.depth += 1
+    left = False
+    try:
+        yield
+    except Interrupted as exc:
+        state.depth -= 1
+        left = True
+        if state.depth == 0:
+            _restore_handlers()
+            state.pending = None
+            _hand_to_previous(exc.signum)
+        raise
+    finally:
+        if not left:
+            state.depth -= 1
+            if state.depth == 0:
+                _restore_handlers()
+                pending, state.pending = state.pending, None
+                if pending is not None:  # held by a deferral that outlived the block: never lose it
+                    _hand_to_previous(pending)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold a signal that arrives in this block (short bookkeeping: create or close a run) and
+    raise it as :class:`Interrupted` when the block is left."""
+    state = _signals
+    if not _main_thread():
+        yield
+        return
+    state.defer += 1
+    try:
+        yield
+    finally:
+        state.defer -= 1
+        if state.defer == 0 and state.pending is not None and state.depth > 0 and os.getpid() == state.owner_pid:
+            signum, state.pending = state.pending, None
+            state.fired_at = time.monotonic()
+            raise Interrupted(signum)
+
+
+def _ending(exc: BaseException) -> tuple[str, str | None]:
+    """(MLflow status, what killed it) of a run whose block raised ``exc``."""
+    if isinstance(exc, Interrupted):
+        return "KILLED", signal.Signals(exc.signum).name
+    if isinstance(exc, KeyboardInterrupt):
+        return "KILLED", "KeyboardInterrupt"
+    if isinstance(exc, SystemExit) and exc.code in (None, 0):
+        return "FINISHED", None
+    return "FAILED", None
+
+
+# ---------------------------------------------------------------------------------------------
+# Which process holds a run open (to close the runs of processes that died without a word)
+# ---------------------------------------------------------------------------------------------
+def _host_scope() -> str | None:
+    """This host and PID namespace (PIDs mean something only there); None off Linux."""
+    try:
+        return f"{socket.gethostname()}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def _process_identity(pid: int | None = None) -> str | None:
+    """``host/pidns:pid:start-ticks`` of a live process (a reused PID has another start time)."""
+    scope = _host_scope()
+    pid = os.getpid() if pid is None else pid
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    if scope is None:
+        return None
+    return f"{scope}:{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def _reap_orphans(client, exp_id: str) -> None:
+    """Mark KILLED the RUNNING runs of processes of this host that are gone (SIGKILL, OOM, crash)."""
+    scope = _host_scope()
+    if scope is None:
+        return
+    found = client.search_runs([exp_id], filter_string=f"attributes.status = 'RUNNING' and tags.{PROCESS_TAG} LIKE '{scope}:%'",
+                               max_results=1000)
+    for run in found:
+        owner = run.data.tags.get(PROCESS_TAG, "")
+        if not owner.startswith(f"{scope}:"):
+            continue
+        pid = owner[len(scope) + 1:].split(":", 1)[0]
+        if pid.isdigit() and _process_identity(int(pid)) != owner:
+            client.set_tag(run.info.run_id, KILLED_BY_TAG, "process gone")
+            client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def _best_effort(what: str, call, *args: Any) -> Any:
+    """Parent bookkeeping never fails a stage: say what went wrong and go on."""
+    try:
+        return call(*args)
+    except Exception as exc:
+        print(f"tracking: {what} failed: {exc}", file=sys.stderr)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,17 +558,135 @@ class NullRun:
 @contextlib.contextmanager
 def _run(client, exp_id: str, root: Path, context: dict[str, str], name: str, parent_id: str | None,
          tags: Mapping[str, str]) -> Iterator[StageRun]:
+    """Create a run, yield a handle, and end it FINISHED, FAILED or KILLED (see the module doc)."""
     all_tags = {**context, **tags, "mlflow.runName": name}
     if parent_id:
         all_tags["mlflow.parentRunId"] = parent_id
-    run = client.create_run(exp_id, tags=all_tags, run_name=name)
-    handle = StageRun(client, run.info.run_id, exp_id, root, context)
-    try:
-        yield handle
-    except BaseException:
-        client.set_terminated(run.info.run_id, status="FAILED")
-        raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
+    owner = _process_identity()
+    if owner:
+        all_tags[PROCESS_TAG] = owner
+    with signals_as_exceptions():
+        run_id, status, killed_by = None, "FINISHED", None
+        try:
+            with deferred_signals():  # a signal now is raised once the run exists and will be closed
+                run_id = client.create_run(exp_id, tags=all_tags, run_name=name).info.run_id
+            yield StageRun(client, run_id, exp_id, root, context)
+        except BaseException as exc:
+            status, killed_by = _ending(exc)
+            raise
+        finally:
+            if run_id is not None:
+                with deferred_signals():
+                    if status == "FINISHED":
+                        client.set_terminated(run_id, status=status)
+                    else:  # the block's own exception is what the caller must see
+                        _best_effort(f"marking run {run_id} {status}", _terminate, client, run_id, status, killed_by)
+
+
+def _terminate(client, run_id: str, status: str, killed_by: str | None) -> None:
+    if killed_by:
+        client.set_tag(run_id, KILLED_BY_TAG, killed_by)
+    client.set_terminated(run_id, status=status)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline's parent run
+# ---------------------------------------------------------------------------------------------
+def _by_age(run) -> tuple[int, str]:
+    return (run.info.start_time or 0, run.info.run_id)
+
+
+def _pipeline_parents(client, exp_id: str, key: str) -> list:
+    return client.search_runs([exp_id], filter_string=f"tags.{PIPELINE_KEY_TAG} = '{key}' and tags.stage = 'pipeline'",
+                              max_results=1000)
+
+
+def _implicit(runs: list) -> list:
+    return sorted((r for r in runs if r.data.tags.get(PARENT_KIND_TAG) == "implicit"), key=_by_age)
+
+
+def _canonical_parent(runs: list):
+    """The parent stages of this key join: the newest pinned one (the latest ``vbiopsy pipeline
+    start``), else the oldest implicit one (what concurrent creators agree on), else the newest
+    parent made before parents carried their kind."""
+    pinned = [r for r in runs if r.data.tags.get(PARENT_KIND_TAG) == "pinned"]
+    if pinned:
+        return max(pinned, key=_by_age)
+    implicit = _implicit(runs)
+    if implicit:
+        return implicit[0]
+    return max(runs, key=_by_age) if runs else None
+
+
+def _discard_duplicate(client, run_id: str, kept: str) -> None:
+    client.set_tag(run_id, DUPLICATE_TAG, kept)
+    client.set_terminated(run_id, status="FINISHED")
+    client.delete_run(run_id)
+
+
+def _find_or_create_parent(client, exp_id: str, context: dict[str, str]) -> tuple[str, bool]:
+    """(run id, whether this call created it) of the parent of this pipeline key (module doc)."""
+    key = context[PIPELINE_KEY_TAG]
+    with _store_lock(client.tracking_uri):
+        found = _canonical_parent(_pipeline_parents(client, exp_id, key))
+        if found is not None:
+            return found.info.run_id, False
+        name = f"pipeline-{key[:8]}"
+        mine = client.create_run(exp_id, run_name=name, tags={
+            **context, "stage": "pipeline", PARENT_KIND_TAG: "implicit", "mlflow.runName": name}).info.run_id
+    if _sqlite_file(client.tracking_uri) is None:  # no lock: a rival may have created one meanwhile
+        time.sleep(PARENT_SETTLE_S)
+        winner = _canonical_parent(_pipeline_parents(client, exp_id, key))
+        if winner is not None and winner.info.run_id != mine:
+            _discard_duplicate(client, mine, winner.info.run_id)
+            return winner.info.run_id, False
+    return mine, True
+
+
+def _merge_duplicate_parents(client, exp_id: str, key: str, parent_id: str) -> str:
+    """Move the children of younger implicit parents of ``key`` to the oldest and delete the
+    younger ones; returns ``parent_id``, or the oldest if ``parent_id`` was one of the younger."""
+    implicit = _implicit(_pipeline_parents(client, exp_id, key))
+    for duplicate in implicit[1:]:
+        kept, gone = implicit[0].info.run_id, duplicate.info.run_id
+        for child in _children(client, exp_id, gone):
+            client.set_tag(child.info.run_id, "mlflow.parentRunId", kept)
+        _discard_duplicate(client, gone, kept)
+        if parent_id == gone:
+            parent_id = kept
+    return parent_id
+
+
+def pipeline_status(children: list) -> str | None:
+    """The pipeline's status from its stage runs: None while the latest attempt of a stage (run
+    name) is RUNNING, else FAILED if one failed, KILLED if one was killed, FINISHED otherwise."""
+    latest: dict[str, Any] = {}
+    for run in sorted(children, key=_by_age):
+        latest[run.info.run_name] = run
+    statuses = {run.info.status for run in latest.values()}
+    if statuses & {"RUNNING", "SCHEDULED"}:
+        return None
+    return next((s for s in ("FAILED", "KILLED") if s in statuses), "FINISHED")
+
+
+def _children(client, exp_id: str, parent_id: str) -> list:
+    return client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000)
+
+
+def _reopen_parent(client, parent_id: str) -> None:
+    if client.get_run(parent_id).info.status != "RUNNING":
+        client.update_run(parent_id, status="RUNNING")
+
+
+def _close_parent(client, exp_id: str, parent_id: str, fallback: str) -> None:
+    """End the parent unless one of its stages is still running (that stage will end it).
+
+    ``fallback``: the status when no stage run exists under it (the stage stopped before its run).
+    """
+    children = _children(client, exp_id, parent_id)
+    status = pipeline_status(children) if children else fallback
+    if status is not None:
+        client.set_terminated(parent_id, status=status)
 
 
 def pipeline_parent_run(client, exp_id: str, context: dict[str, str]) -> str:
@@ -294,32 +694,45 @@ def pipeline_parent_run(client, exp_id: str, context: dict[str, str]) -> str:
     pinned = os.environ.get(PARENT_RUN_ENV)
     if pinned:
         return pinned
-    key = context[PIPELINE_KEY_TAG]
-    found = client.search_runs(
-        [exp_id], filter_string=f"tags.{PIPELINE_KEY_TAG} = '{key}' and tags.stage = 'pipeline'",
-        max_results=1, order_by=["attributes.start_time DESC"],
-    )
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(
-        exp_id, tags={**context, "stage": "pipeline", "mlflow.runName": f"pipeline-{key[:8]}"},
-        run_name=f"pipeline-{key[:8]}",
-    )
-    return run.info.run_id
+    return _find_or_create_parent(client, exp_id, context)[0]
 
 
 def start_pipeline_run(root: str | Path = ".", params: Params | None = None) -> str:
-    """Create a fresh parent run (drivers export its id as ``VBIOPSY_PARENT_RUN_ID``)."""
+    """Create a fresh parent run (drivers export its id as ``VBIOPSY_PARENT_RUN_ID``).
+
+    It is RUNNING until a stage under it ends (module doc) or ``vbiopsy pipeline finish``.
+    """
     client = get_client(root)
     exp_id = experiment_id(client, root)
     context = run_context(root, params)
-    run = client.create_run(
-        exp_id, tags={**context, "stage": "pipeline", "mlflow.runName": f"pipeline-{context[PIPELINE_KEY_TAG][:8]}"},
-        run_name=f"pipeline-{context[PIPELINE_KEY_TAG][:8]}",
-    )
+    name = f"pipeline-{context[PIPELINE_KEY_TAG][:8]}"
+    run = client.create_run(exp_id, run_name=name,
+                            tags={**context, "stage": "pipeline", PARENT_KIND_TAG: "pinned", "mlflow.runName": name})
     if params is not None:
         StageRun(client, run.info.run_id, exp_id, Path(root), context).log_params(loggable_params(flatten(params)))
     return run.info.run_id
+
+
+def finish_pipeline_run(root: str | Path, run_id: str, status: str | None = None, *, aborted: bool = False) -> str:
+    """End a parent run for good; returns the status set.
+
+    ``status`` None: the stages' verdict (:func:`pipeline_status`; FINISHED when no stage ran).
+    ``aborted``: the driver stopped before the pipeline completed: the stages' verdict when it is
+    FAILED or KILLED, else FAILED. Runs of dead processes on this host are marked KILLED first.
+    """
+    client = get_client(root)
+    exp_id = client.get_run(run_id).info.experiment_id
+    _best_effort("marking runs of dead processes KILLED", _reap_orphans, client, exp_id)
+    if status is None:
+        verdict = pipeline_status(_children(client, exp_id, run_id))
+        if aborted:
+            status = verdict if verdict in ("FAILED", "KILLED") else "FAILED"
+        elif verdict is None:  # a stage is still running: it ends the parent when it ends
+            return "RUNNING"
+        else:
+            status = verdict
+    client.set_terminated(run_id, status=status)
+    return status
 
 
 def parent_run(root: str | Path = ".", params: Params | None = None) -> StageRun:
@@ -327,7 +740,12 @@ def parent_run(root: str | Path = ".", params: Params | None = None) -> StageRun
     client = get_client(root)
     exp_id = experiment_id(client, root)
     context = run_context(root, params)
-    return StageRun(client, pipeline_parent_run(client, exp_id, context), exp_id, Path(root), context)
+    parent_id = os.environ.get(PARENT_RUN_ENV)
+    if not parent_id:
+        parent_id, created = _find_or_create_parent(client, exp_id, context)
+        if created:  # made outside any stage: ended at once, like a parent between two stages
+            client.set_terminated(parent_id, status="FINISHED")
+    return StageRun(client, parent_id, exp_id, Path(root), context)
 
 
 @contextlib.contextmanager
@@ -336,21 +754,43 @@ def stage_run(stage: str, *, root: str | Path = ".", params: Params | None = Non
               enabled: bool = True) -> Iterator[StageRun | NullRun]:
     """Open the child run of one DVC stage under the pipeline's parent run.
 
-    The stage's own params section is logged as params; the run is FAILED when the block raises.
-    ``enabled=False`` yields a :class:`NullRun` and touches no MLflow store.
+    The stage's own params section is logged as params; the run ends FINISHED, FAILED when the
+    block raises, KILLED when the process gets SIGTERM/SIGINT/SIGHUP; the parent is reopened for
+    the stage and ended after it (module doc). ``enabled=False`` yields a :class:`NullRun`, touches
+    no MLflow store and leaves signals alone (torchrun ranks other than 0).
     """
     root = Path(root)
     if not enabled:
         yield NullRun(root)
         return
-    client = get_client(root)
-    exp_id = experiment_id(client, root)
-    context = run_context(root, params)
-    parent_id = pipeline_parent_run(client, exp_id, context)
-    with _run(client, exp_id, root, context, run_name or stage, parent_id, {"stage": stage, **_clean_tags(tags)}) as run:
-        if params is not None and hasattr(params, stage):
-            run.log_params(loggable_params(flatten(getattr(params, stage), f"{stage}.")))
-        yield run
+    with signals_as_exceptions():
+        client = exp_id = parent_id = None
+        outcome = "FINISHED"
+        try:
+            with deferred_signals():  # the parent is never made or reopened without the code that ends it armed
+                client = get_client(root)
+                exp_id = experiment_id(client, root)
+                context = run_context(root, params)
+                _best_effort("marking runs of dead processes KILLED", _reap_orphans, client, exp_id)
+                pinned = os.environ.get(PARENT_RUN_ENV)
+                parent_id, created = (pinned, False) if pinned else _find_or_create_parent(client, exp_id, context)
+                if not created:
+                    _best_effort("reopening the pipeline run", _reopen_parent, client, parent_id)
+            with _run(client, exp_id, root, context, run_name or stage, parent_id,
+                      {"stage": stage, **_clean_tags(tags)}) as run:
+                if params is not None and hasattr(params, stage):
+                    run.log_params(loggable_params(flatten(getattr(params, stage), f"{stage}.")))
+                yield run
+        except BaseException as exc:
+            outcome = _ending(exc)[0]
+            raise
+        finally:
+            if parent_id is not None:
+                with deferred_signals():
+                    if not pinned:
+                        parent_id = _best_effort("merging duplicate pipeline runs", _merge_duplicate_parents, client,
+                                                 exp_id, context[PIPELINE_KEY_TAG], parent_id) or parent_id
+                    _best_effort("ending the pipeline run", _close_parent, client, exp_id, parent_id, outcome)
 
 
 def log_to_parent(root: str | Path = ".", params: Params | None = None, *, metrics: Mapping[str, float] | None = None,

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from virtual_biopsy.core.atomic import write_torch
+from virtual_biopsy.core.atomic import restore_interrupted_swap, write_torch
 from virtual_biopsy.core.config import GeneratorConfig
 from virtual_biopsy.models.classifiers import build_classifier
 from virtual_biopsy.models.cyclegan import ResnetGenerator
@@ -23,7 +23,7 @@ def save_classifier_weights(path: Path, state: dict[str, torch.Tensor], **info: 
 
 def load_classifier(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the classifier saved by :func:`save_classifier_weights`; returns (network in eval mode, info)."""
-    if not path.is_file():
+    if not path.is_file() and not restore_interrupted_swap(path):
         raise FileNotFoundError(f"{path}: no such classifier weights file (run the train_classifier stage)")
     record = torch.load(path, map_location="cpu", weights_only=True)
     model = build_classifier(str(record["arch"]))
@@ -40,7 +40,7 @@ def save_generator_weights(path: Path, state: dict[str, torch.Tensor], cfg: Gene
 
 def load_generator_weights(path: Path) -> tuple[ResnetGenerator, dict[str, Any]]:
     """Rebuild the generator saved by :func:`save_generator_weights`; returns (network, info)."""
-    if not path.is_file():
+    if not path.is_file() and not restore_interrupted_swap(path):
         raise FileNotFoundError(f"{path}: no such generator weights file (run the train_generator stage)")
     record = torch.load(path, map_location="cpu", weights_only=True)
     generator = ResnetGenerator(channels=1, ngf=int(record["ngf"]), n_residual_blocks=int(record["n_residual_blocks"]))

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from virtual_biopsy.core.atomic import atomic_path, write_csv
+from virtual_biopsy.core.atomic import atomic_dir, staged_path, write_csv
 from virtual_biopsy.core.config import Params
 from virtual_biopsy.core.paths import ProjectPaths
+from virtual_biopsy.data.cohorts import require_inputs
 from virtual_biopsy.data.imputation import ImputeError, imputed_index, plan_imputation
 
 
@@ -22,10 +23,8 @@ def impute_out_of_fold(paths: ProjectPaths, params: Params, device: str = "cpu")
     from virtual_biopsy.training.datasets import open_images
     from virtual_biopsy.training.generator_trainer import generate
 
-    for path, stage in ((paths.processed_images, "preprocess"), (paths.processed_index, "preprocess"),
-                        (paths.splits, "split")):
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: missing (run the {stage} stage first)")
+    require_inputs([(paths.processed_images, "preprocess"), (paths.processed_index, "preprocess"),
+                    (paths.splits, "split")])
     images = open_images(paths.processed_images)
     plan = plan_imputation(pd.read_csv(paths.processed_index), pd.read_csv(paths.splits), params.generator.views)
     synthetic = np.empty((len(plan), *images.shape[1:]), dtype=np.float32)
@@ -41,10 +40,10 @@ def impute_out_of_fold(paths: ProjectPaths, params: Params, device: str = "cpu")
 
 
 def write_imputed(paths: ProjectPaths, synthetic: np.ndarray, index: pd.DataFrame) -> None:
-    """Write data/imputed (images first, then the index that describes them)."""
-    with atomic_path(paths.imputed_images, suffix=".npy") as tmp:
-        np.save(tmp, synthetic)
-    write_csv(paths.imputed_index, index)
+    """Write data/imputed: the images and the index that describes them, swapped in as one set."""
+    with atomic_dir(paths.imputed_dir) as staged:
+        np.save(staged_path(paths.imputed_images, paths.imputed_dir, staged), synthetic)
+        write_csv(staged_path(paths.imputed_index, paths.imputed_dir, staged), index)
 
 
 def imputed_outputs_stale(paths: ProjectPaths, params: Params) -> bool:

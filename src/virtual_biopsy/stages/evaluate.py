@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from virtual_biopsy import evaluation as ev
-from virtual_biopsy.core.atomic import atomic_path, write_csv, write_json, write_text
+from virtual_biopsy.core.atomic import atomic_dir, atomic_path, write_csv, write_json, write_text
 from virtual_biopsy.core.config import ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.evaluation import figures
@@ -75,27 +75,30 @@ def run_evaluation(root: str | Path, params: Params) -> EvaluationResult:
     headline = ev.headline_metrics(scores)
 
     out = paths.evaluation_dir
-    files = {name: out / name for name in (
-        "table_a1.csv", "table_a1.md", "table3.csv", "table3.md", "robustness.csv", "acr_breakdown.csv",
-        "acr_breakdown.md", "roc.csv", "fold_scores.csv", "weights.csv", "test_probabilities.csv",
-        "figure4.png", "figure5.png", "roc.png")}
-    write_csv(files["table_a1.csv"], table_a1)
-    write_text(files["table_a1.md"], ev.table_a1_markdown(table_a1))
-    write_csv(files["table3.csv"], table3)
-    write_text(files["table3.md"], ev.table3_markdown(table3))
-    write_csv(files["robustness.csv"], robustness)
-    write_csv(files["acr_breakdown.csv"], acr)
-    write_text(files["acr_breakdown.md"], ev.acr_breakdown_markdown(acr))
-    write_csv(files["roc.csv"], roc)
-    write_csv(files["fold_scores.csv"], scores)
-    write_csv(files["weights.csv"], ev.weights_table(folds))
-    write_csv(files["test_probabilities.csv"], probabilities)
-    _save_figure(figures.figure4(table_a1), files["figure4.png"])
-    if both_modalities:
-        _save_figure(figures.figure5(robustness), files["figure5.png"])
-    else:
-        del files["figure5.png"]
-    _save_figure(figures.roc_figure(roc), files["roc.png"])
+    names = ["table_a1.csv", "table_a1.md", "table3.csv", "table3.md", "robustness.csv", "acr_breakdown.csv",
+             "acr_breakdown.md", "roc.csv", "fold_scores.csv", "weights.csv", "test_probabilities.csv",
+             "figure4.png", "figure5.png", "roc.png"]
+    if not both_modalities:
+        names.remove("figure5.png")
+    files = {name: out / name for name in names}
+    # reports/evaluation is one set: written to a staging folder, swapped in once (no stale file stays).
+    with atomic_dir(out) as staged:
+        written = {name: staged / name for name in names}
+        write_csv(written["table_a1.csv"], table_a1)
+        write_text(written["table_a1.md"], ev.table_a1_markdown(table_a1))
+        write_csv(written["table3.csv"], table3)
+        write_text(written["table3.md"], ev.table3_markdown(table3))
+        write_csv(written["robustness.csv"], robustness)
+        write_csv(written["acr_breakdown.csv"], acr)
+        write_text(written["acr_breakdown.md"], ev.acr_breakdown_markdown(acr))
+        write_csv(written["roc.csv"], roc)
+        write_csv(written["fold_scores.csv"], scores)
+        write_csv(written["weights.csv"], ev.weights_table(folds))
+        write_csv(written["test_probabilities.csv"], probabilities)
+        _save_figure(figures.figure4(table_a1), written["figure4.png"])
+        if both_modalities:
+            _save_figure(figures.figure5(robustness), written["figure5.png"])
+        _save_figure(figures.roc_figure(roc), written["roc.png"])
     write_json(paths.metrics_file, headline)
     return EvaluationResult(out, paths.metrics_file, files, scores, table_a1, robustness, acr, headline)
 

@@ -23,22 +23,27 @@ Outputs (atomic)
     models/classifier/<arch>/<MOD>_<VIEW>/fold<k>.pt                    best weights of fold k
     models/classifier/<arch>/<MOD>_<VIEW>/val_mcc.json                  per-fold validation MCC/AUC
     outputs/predictions/<arch>/<MOD>_<VIEW>.csv                         PREDICTION_COLUMNS
+The model folder is one set (core.atomic.atomic_dir): fold weights and val_mcc.json go to a staging
+folder that replaces the folder at once when every fold is done, so a reader never sees folds of two
+runs and stale files go. The checkpoints stay in the model folder, where a resumed run looks for
+them, and leave with the replaced folder.
 
 MLflow: a stage run tagged arch/modality/view and one child run per fold (params, per-epoch
 losses and validation AUC/MCC, best epoch, final val/test metrics, the weights file).
 """
 from __future__ import annotations
 
-import shutil
+import contextlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from virtual_biopsy.core.atomic import write_csv, write_json
+from virtual_biopsy.core.atomic import atomic_dir, staged_path, write_csv, write_json
 from virtual_biopsy.core.config import (
     ARCHITECTURES,
     MODALITIES,
@@ -135,8 +140,10 @@ def _epoch_logger(run, images: np.ndarray, val: pd.DataFrame, batch_size: int, d
 
 def train_fold(paths: ProjectPaths, params: Params, which: Classifier, fold: int, images: np.ndarray,
                real: dict[str, pd.DataFrame], synthetic: dict[str, pd.DataFrame], imputed: np.ndarray | None,
-               run, device: str, epoch_callback: FoldEpochCallback | None = None) -> FoldOutcome:
-    """Train, save and score the classifier of one fold; log to ``run``."""
+               run, device: str, epoch_callback: FoldEpochCallback | None = None,
+               out_dir: Path | None = None) -> FoldOutcome:
+    """Train, save and score the classifier of one fold; log to ``run``. The weights go to
+    ``out_dir`` (the model folder's staging folder; None: no file, as on ranks other than 0)."""
     cfg = params.classifier
     seed = classifier_fold_seed(params.seed, which.arch, which.modality, which.view, fold)
     for frame in (*real.values(), *synthetic.values()):
@@ -150,8 +157,10 @@ def train_fold(paths: ProjectPaths, params: Params, which: Classifier, fold: int
         _epoch_logger(run, images, real["val"], cfg.batch_size, device, fold, epoch_callback), device,
     )
     weights = paths.classifier_weights(which.arch, which.modality, which.view, fold)
-    save_classifier_weights(weights, result.state, arch=which.arch, modality=which.modality, view=which.view,
-                            fold=fold, image_size=int(images.shape[1]), best_epoch=result.best_epoch)
+    if out_dir is not None:
+        weights = staged_path(weights, paths.classifier_dir(which.arch, which.modality, which.view), out_dir)
+        save_classifier_weights(weights, result.state, arch=which.arch, modality=which.modality, view=which.view,
+                                fold=fold, image_size=int(images.shape[1]), best_epoch=result.best_epoch)
     parts, scores = [], {}
     for subset in SCORED_SUBSETS:
         p = predict_proba(model, images, real[subset]["row"].to_numpy(), cfg.batch_size, device)
@@ -205,7 +214,9 @@ def run_train_classifier(paths: ProjectPaths, params: Params, arch: str, modalit
     if modality == "CESM":
         synthetic, imputed = synthetic_images(read_imputed_index(paths), index, view), open_images(paths.imputed_images)
     with tracking.stage_run(STAGE, root=paths.root, params=params, tags=which.tags, run_name=f"{STAGE} {which.label}",
-                            enabled=use_mlflow and main_process) as run:
+                            enabled=use_mlflow and main_process) as run, (
+            atomic_dir(paths.classifier_dir(arch, modality, view)) if main_process
+            else contextlib.nullcontext()) as staged:
         outcomes = []
         for fold in sorted(int(k) for k in folds["fold"].unique()):
             patients = patient_subsets(folds, fold)
@@ -213,19 +224,20 @@ def run_train_classifier(paths: ProjectPaths, params: Params, arch: str, modalit
             synthetic_parts = split_images(synthetic, patients, fold, require=())
             with run.child(f"{which.label} fold {fold}", tags={**which.tags, "fold": fold}) as fold_run:
                 outcomes.append(train_fold(paths, params, which, fold, images, real_parts, synthetic_parts, imputed,
-                                           fold_run, device, epoch_callback))
+                                           fold_run, device, epoch_callback, staged))
         summary = {**which.tags, **summarize_classifier_folds(outcomes)}
         if not main_process:
             return summary
-        write_json(paths.val_mcc(arch, modality, view), summary)
+        write_json(staged_path(paths.val_mcc(arch, modality, view), paths.classifier_dir(arch, modality, view), staged),
+                   summary)
         write_csv(predictions_path(paths, arch, modality, view),
                   pd.concat([o.predictions for o in outcomes], ignore_index=True))
         run.log_metrics({f"mean_{k}": v for k, v in summary["mean"].items()})
-        run.log_artifact(paths.val_mcc(arch, modality, view), STAGE)
+        run.log_artifact(staged_path(paths.val_mcc(arch, modality, view), paths.classifier_dir(arch, modality, view),
+                                     staged), STAGE)
         run.log_artifact(predictions_path(paths, arch, modality, view), STAGE)
-    # Every fold finished: its checkpoints (full optimiser state, ~180 MB for resnet18) only served
-    # to resume an interrupted run. Removing them keeps them out of the DVC cache.
-    shutil.rmtree(paths.classifier_dir(arch, modality, view) / "checkpoints", ignore_errors=True)
+    # The swap dropped the fold checkpoints (full optimiser state, ~180 MB for resnet18) with the
+    # replaced folder: they only served to resume an interrupted run and stay out of the DVC cache.
     return summary
 
 

@@ -13,6 +13,10 @@ Outputs
     models/generator/<VIEW>/checkpoints/fold<k>/last.pt   per-epoch checkpoint (resume after a kill)
     models/generator/<VIEW>/fold<k>.pt                    best weights of fold k (impute reads these)
     models/generator/<VIEW>/serving.pt                    the serving generator (see below)
+        The model folder is one set (core.atomic.atomic_dir): the weights go to a staging folder
+        and replace the folder at once when every fold and the serving model are done, so a
+        reader never sees folds of two runs and stale files go. The checkpoints stay in the
+        model folder, where a resumed run looks for them, and leave with the replaced folder.
     reports/generator/<VIEW>.json                         per-fold and mean test metrics (Table 3)
     reports/generator/figure3_<VIEW>.png                  Figure-3-like grid, one row per ACR category
 
@@ -36,7 +40,7 @@ reports and figures.
 """
 from __future__ import annotations
 
-import shutil
+import contextlib
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -47,7 +51,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from virtual_biopsy.core.atomic import write_json
+from virtual_biopsy.core.atomic import atomic_dir, staged_path, write_json
 from virtual_biopsy.core.config import VIEWS, ConfigError, GeneratorConfig, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.cohorts import (
@@ -119,8 +123,9 @@ def _epoch_logger(run, images: np.ndarray, val_pairs: pd.DataFrame, cfg: Generat
 
 
 def train_fold(paths: ProjectPaths, params: Params, view: str, fold: int, images: np.ndarray,
-               subsets: dict[str, pd.DataFrame], run, device: str) -> FoldOutcome:
-    """Train, evaluate and save the generator of one fold; log to ``run``."""
+               subsets: dict[str, pd.DataFrame], run, device: str, out_dir: Path | None = None) -> FoldOutcome:
+    """Train, evaluate and save the generator of one fold (into ``out_dir``, the model folder's
+    staging folder, when given); log to ``run``."""
     cfg = params.generator
     seed = generator_fold_seed(params.seed, view, fold)
     train_ds = paired_dataset(images, subsets["train"], cfg, seed, augment=True)
@@ -136,6 +141,8 @@ def train_fold(paths: ProjectPaths, params: Params, view: str, fold: int, images
     if distributed.is_main_process():
         save_generator_weights(weights, result.generator_state, cfg, view=view, fold=fold,
                                image_size=int(images.shape[1]), best_epoch=result.best_epoch)
+    if out_dir is not None:
+        weights = staged_path(weights, paths.generator_dir(view), out_dir)
     run.log_params({"view": view, "fold": fold, "seed": seed, "image_size": images.shape[1],
                     **{f"pairs_{k}": len(v) for k, v in subsets.items()}})
     run.log_metrics({**{f"test_{k}": v for k, v in test.items()}, "val_ssim": val_quality["ssim"],
@@ -199,18 +206,20 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
     if pairs.empty:
         raise CohortError(f"{paths.processed_index}: no LE/DES pairs of view {view}")
     with tracking.stage_run(STAGE, root=paths.root, params=params, tags={"view": view}, run_name=f"{STAGE}-{view}",
-                            enabled=use_mlflow and main_process) as run:
+                            enabled=use_mlflow and main_process) as run, (
+            atomic_dir(paths.generator_dir(view)) if main_process else contextlib.nullcontext()) as staged:
         outcomes = []
         for fold in sorted(int(k) for k in folds["fold"].unique()):
             subsets = fold_subsets(pairs, folds, fold)
             with run.child(f"fold-{fold}", tags={"view": view, "fold": fold}) as fold_run:
-                outcomes.append(train_fold(paths, params, view, fold, images, subsets, fold_run, device))
+                outcomes.append(train_fold(paths, params, view, fold, images, subsets, fold_run, device, staged))
         state, serving = serving_generator(paths, params, view, images, pairs, folds, outcomes, device)
         if not main_process:
             return summarize_generator_folds(view, outcomes, serving)
         size = int(images.shape[1])
-        save_generator_weights(paths.serving_generator(view), state, params.generator, view=view,
-                               fold=serving["fold"], image_size=size, policy=serving["policy"])
+        save_generator_weights(staged_path(paths.serving_generator(view), paths.generator_dir(view), staged), state,
+                               params.generator, view=view, fold=serving["fold"], image_size=size,
+                               policy=serving["policy"])
         if run:
             generator = ResnetGenerator(channels=1, ngf=params.generator.ngf,
                                         n_residual_blocks=params.generator.n_residual_blocks)
@@ -223,9 +232,8 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
         run.log_metrics({f"test_{k}": v for k, v in report["mean"].items()})
         run.log_artifact(paths.generator_report(view), "generator")
         run.log_artifact(paths.figure3(view), "generator")
-    # The fold checkpoints only served to resume an interrupted run (each fold's last one is
-    # logged to MLflow above); removing them keeps them out of the DVC cache.
-    shutil.rmtree(paths.generator_dir(view) / "checkpoints", ignore_errors=True)
+    # The swap dropped the fold checkpoints with the replaced folder: they only served to resume
+    # an interrupted run (each fold's last one is logged to MLflow above) and stay out of the DVC cache.
     return report
 
 
