@@ -31,11 +31,8 @@ from virtual_biopsy.stages import train_classifier as stage
 from virtual_biopsy.stages.ingest import run_ingest
 from virtual_biopsy.stages.preprocess import run_preprocess
 from virtual_biopsy.stages.split import run_split
-from virtual_biopsy.training.classifier_trainer import (
-    INPUTS_KEY_FILE,
-    discard_stale_checkpoint,
-    predict_proba,
-)
+from virtual_biopsy.training.checkpoint import INPUTS_KEY_FILE, discard_stale_checkpoint
+from virtual_biopsy.training.classifier_trainer import predict_proba
 
 ARCH = "resnet18"
 # Tiny but complete: 2 folds so each subset holds patients of both classes, 2 epochs of a

@@ -204,10 +204,13 @@ def test_early_stopping_rejects_a_diverged_loss():
 # --- CycleGAN -------------------------------------------------------------------------------
 
 
-def test_cyclegan_uses_the_configured_loss_weights(images):
+def test_cyclegan_trains_on_its_terms_weighted_as_configured(images):
     cfg = dataclasses.replace(TINY_GAN, epochs=1, lambda_cycle=7.0, lambda_identity=2.5, lambda_paired=3.0)
     result = train_cyclegan(paired(images, range(4)), paired(images, [4, 5]), cfg, seed=0)
-    assert result.loss == CycleGANLoss(lambda_cycle=7.0, lambda_identity=2.5, lambda_paired=3.0)
+    (epoch,) = result.history
+    weighted = (epoch["train/adversarial"] + 7.0 * epoch["train/cycle"] + 2.5 * epoch["train/identity"]
+                + 3.0 * epoch["train/paired"])
+    assert epoch["train/loss_g"] == pytest.approx(weighted, rel=1e-5)
 
 
 def test_cyclegan_loss_adds_the_weighted_terms():
@@ -260,6 +263,16 @@ def test_cyclegan_refuses_a_checkpoint_of_another_configuration(images, tmp_path
     train_cyclegan(train, val, dataclasses.replace(TINY_GAN, epochs=1), seed=0, checkpoint_dir=tmp_path)
     with pytest.raises(CheckpointError, match=r"last.pt: checkpoint belongs to a different training run .*config"):
         train_cyclegan(train, val, dataclasses.replace(TINY_GAN, epochs=1, lr=0.5), seed=0, checkpoint_dir=tmp_path)
+
+
+def test_cyclegan_asked_to_restart_if_stale_trains_anew_over_a_checkpoint_of_another_configuration(images, tmp_path):
+    train, val, cfg = paired(images, range(4)), paired(images, [4, 5]), dataclasses.replace(TINY_GAN, epochs=1)
+    fresh = train_cyclegan(train, val, cfg, seed=0)
+    train_cyclegan(train, val, dataclasses.replace(cfg, lr=0.5), seed=0, checkpoint_dir=tmp_path)
+    restarted = train_cyclegan(train, val, cfg, seed=0, checkpoint_dir=tmp_path, restart_if_stale=True)
+    assert restarted.history == fresh.history
+    resumed = train_cyclegan(train, val, cfg, seed=0, checkpoint_dir=tmp_path)  # the checkpoint is now this run's
+    assert resumed.history == fresh.history
 
 
 def test_cyclegan_fine_tunes_from_pretrained_generator_weights(images, tmp_path):

@@ -74,12 +74,11 @@ from virtual_biopsy.models.classifiers import WeightsFileError, build_classifier
 from virtual_biopsy.models.weights import save_classifier_weights
 from virtual_biopsy.stages.common import stage_inputs, stage_parser
 from virtual_biopsy.training import distributed
+from virtual_biopsy.training.checkpoint import discard_stale_checkpoint, inputs_key
 from virtual_biopsy.training.classifier_trainer import (
     ClassifierTrainingResult,
-    discard_stale_checkpoint,
-    inputs_key,
     predict_proba,
-    train_classifier_with_resume,
+    train_classifier,
 )
 from virtual_biopsy.training.datasets import (
     classifier_fold_seed,
@@ -151,10 +150,13 @@ def train_fold(paths: ProjectPaths, params: Params, which: Classifier, fold: int
     model = build_classifier(which.arch, cfg.weights_file, seed=seed)
     ckpt = paths.classifier_checkpoint(which.arch, which.modality, which.view, fold)
     discard_stale_checkpoint(ckpt, inputs_key(images, real["train"], real["val"]))
-    result = train_classifier_with_resume(
+    # The model folder outlives a run (a killed one resumes); after a change of params its
+    # checkpoint belongs to another run: start over.
+    result = train_classifier(
         model, labelled_dataset(images, real["train"], seed, cfg.augment, cfg.augment_strength),
-        labelled_dataset(images, real["val"], seed, False), cfg, seed, ckpt,
-        _epoch_logger(run, images, real["val"], cfg.batch_size, device, fold, epoch_callback), device,
+        labelled_dataset(images, real["val"], seed, False), cfg, seed, checkpoint_dir=ckpt,
+        on_epoch_end=_epoch_logger(run, images, real["val"], cfg.batch_size, device, fold, epoch_callback),
+        device=device, restart_if_stale=True,
     )
     weights = paths.classifier_weights(which.arch, which.modality, which.view, fold)
     if out_dir is not None:

@@ -85,7 +85,7 @@ from virtual_biopsy.training.datasets import (
 from virtual_biopsy.training.generator_trainer import (
     GeneratorTrainingResult,
     generate,
-    train_cyclegan_with_resume,
+    train_cyclegan,
 )
 from virtual_biopsy.training.loop import EpochState, resolve_device
 
@@ -131,8 +131,11 @@ def train_fold(paths: ProjectPaths, params: Params, view: str, fold: int, images
     train_ds = paired_dataset(images, subsets["train"], cfg, seed, augment=True)
     val_ds = paired_dataset(images, subsets["val"], cfg, seed, augment=False)
     ckpt = paths.generator_checkpoint(view, f"fold{fold}")
-    result = train_cyclegan_with_resume(train_ds, val_ds, cfg, seed, ckpt, _epoch_logger(run, images, subsets["val"],
-                                                                                        cfg, device), device)
+    # The model folder outlives a run (a killed one resumes); after a change of params or data its
+    # checkpoint belongs to another run: start over.
+    result = train_cyclegan(train_ds, val_ds, cfg, seed, checkpoint_dir=ckpt,
+                            on_epoch_end=_epoch_logger(run, images, subsets["val"], cfg, device), device=device,
+                            restart_if_stale=True)
     generator = ResnetGenerator(channels=1, ngf=cfg.ngf, n_residual_blocks=cfg.n_residual_blocks)
     generator.load_state_dict(result.generator_state)
     val_quality, _ = evaluate_generator(generator, images, subsets["val"], cfg.batch_size, device)
@@ -166,9 +169,10 @@ def serving_generator(paths: ProjectPaths, params: Params, view: str, images: np
         }
     subsets = refit_subsets(pairs, folds)
     seed = derive_seed(params.seed, VIEWS.index(view), 1000)
-    result = train_cyclegan_with_resume(paired_dataset(images, subsets["train"], cfg, seed, augment=True),
-                                        paired_dataset(images, subsets["val"], cfg, seed, augment=False),
-                                        cfg, seed, paths.generator_checkpoint(view, "refit"), None, device)
+    result = train_cyclegan(paired_dataset(images, subsets["train"], cfg, seed, augment=True),
+                            paired_dataset(images, subsets["val"], cfg, seed, augment=False), cfg, seed,
+                            checkpoint_dir=paths.generator_checkpoint(view, "refit"), device=device,
+                            restart_if_stale=True)
     return result.generator_state, {
         "policy": "refit", "fold": "refit", "best_epoch": result.best_epoch,
         # Seen every test patient: its expected quality is the cross-validated mean.

@@ -1,7 +1,9 @@
-"""Training loops, datasets, augmentation, early stopping and checkpoints (pure PyTorch + numpy).
+"""Training: the trainers, their shared fit loop, datasets, augmentation, early stopping and
+checkpoints (pure PyTorch + numpy).
 
 Usable by hand from a notebook; the stage modules call the same functions and log to MLflow
-through the ``on_epoch_end`` callback (contract in :mod:`virtual_biopsy.training.loop`).
+through the ``on_epoch_end`` callback (contract in :mod:`virtual_biopsy.training.loop`). Both
+trainers run :func:`virtual_biopsy.training.fit.fit`; each supplies only its own steps.
 """
 from virtual_biopsy.training.augment import AffineAugment
 from virtual_biopsy.training.checkpoint import Checkpointer, CheckpointError
@@ -16,6 +18,7 @@ from virtual_biopsy.training.datasets import (
     open_images,
 )
 from virtual_biopsy.training.early_stopping import EarlyStopping
+from virtual_biopsy.training.fit import FitOutcome, Trainee, fit
 from virtual_biopsy.training.generator_trainer import (
     CycleGANLoss,
     GeneratorTrainingResult,
@@ -34,10 +37,13 @@ __all__ = [
     "EarlyStopping",
     "EpochCallback",
     "EpochState",
+    "FitOutcome",
     "GeneratorTrainingResult",
     "LabelledImageDataset",
     "PairedImageDataset",
+    "Trainee",
     "build_generator",
+    "fit",
     "generate",
     "open_images",
     "predict_proba",

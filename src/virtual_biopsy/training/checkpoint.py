@@ -9,20 +9,30 @@ same weights as an uninterrupted one.
 Each checkpoint carries a *fingerprint* of what was being trained (configuration, seed, data
 sizes); resuming with a different one is an error rather than a silent mix of two runs.
 It is written with ``write_torch`` (temp file + rename): a kill during the write leaves the previous checkpoint.
+
+The fingerprint holds data *sizes*, not pixels: :func:`discard_stale_checkpoint` keeps a stage's
+checkpoint folder from resuming a run trained on other images of the same count.
 """
 from __future__ import annotations
 
+import hashlib
 import random
+import shutil
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from virtual_biopsy.core.atomic import write_torch
+from virtual_biopsy.core.atomic import write_text, write_torch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CHECKPOINT_NAME = "last.pt"
+INPUTS_KEY_FILE = "inputs.sha256"  # beside last.pt: which images the checkpoint was trained on
 
 
 class CheckpointError(ValueError):
@@ -68,6 +78,13 @@ class Checkpointer:
         record = {**payload, "fingerprint": self.fingerprint, "rng": capture_rng_state()}
         write_torch(self.path, record)
 
+    def discard(self) -> None:
+        """Delete the checkpoint, and any temporary file a kill during its write left beside it."""
+        if self.path is None:
+            return
+        for stale in (self.path, *self.path.parent.glob(f".{self.path.name}.*")):
+            stale.unlink(missing_ok=True)  # missing_ok: under torchrun every rank discards
+
     def load_latest(self) -> dict[str, Any] | None:
         """The last checkpoint of this run, or None when there is none yet."""
         if self.path is None or not self.path.exists():
@@ -87,6 +104,29 @@ class Checkpointer:
                 "delete it or use another checkpoint folder"
             )
         return record
+
+
+def inputs_key(images: np.ndarray, train: pd.DataFrame, val: pd.DataFrame) -> str:
+    """Hash of the exact images a fold trains and early-stops on: ids and pixels.
+
+    The trainer's checkpoint fingerprint covers config, seed and data *sizes*; a change of
+    preprocessing (another image size or window) keeps the sizes and would otherwise resume,
+    or return as finished, a model trained on other pixels.
+    """
+    digest = hashlib.sha256()
+    for frame in (train, val):
+        digest.update("\n".join(frame["image_id"].astype(str)).encode())
+        digest.update(np.ascontiguousarray(images[np.sort(frame["row"].to_numpy())]).tobytes())
+    return digest.hexdigest()
+
+
+def discard_stale_checkpoint(ckpt: Path, key: str) -> None:
+    """Remove ``ckpt`` unless it was written for the inputs ``key``; then record ``key`` in it."""
+    key_file = ckpt / INPUTS_KEY_FILE
+    if ckpt.exists() and (not key_file.is_file() or key_file.read_text().strip() != key):
+        print(f"discarding checkpoint {ckpt} of other input images", file=sys.stderr)
+        shutil.rmtree(ckpt)
+    write_text(key_file, key + "\n")
 
 
 def _plain(value: Any) -> Any:

@@ -14,9 +14,6 @@ constant rate).
 """
 from __future__ import annotations
 
-import contextlib
-import shutil
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,24 +32,16 @@ from virtual_biopsy.models.cyclegan import (
     init_cyclegan_weights,
 )
 from virtual_biopsy.training import distributed
-from virtual_biopsy.training.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    restore_rng_state,
-)
 from virtual_biopsy.training.datasets import PairedImageDataset, derive_seed
-from virtual_biopsy.training.early_stopping import EarlyStopping
+from virtual_biopsy.training.fit import fit, training_device
 from virtual_biopsy.training.loop import (
     EpochCallback,
-    EpochState,
-    as_metrics,
     autocast_for,
     epoch_loader,
     mean,
     prepare_module,
     resolve_device,
     run_config,
-    seeded_torch,
     state_on_cpu,
     to_device,
 )
@@ -178,23 +167,23 @@ def train_cyclegan(
     on_epoch_end: EpochCallback | None = None,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
+    restart_if_stale: bool = False,
 ) -> GeneratorTrainingResult:
     """Train a CycleGAN LE -> DES for up to ``cfg.epochs`` epochs; return the best generator.
 
     Resumes from ``checkpoint_dir`` when it holds a checkpoint of the same run (same cfg, seed and
-    data sizes); a finished run is returned again without training. ``on_epoch_end`` follows the
-    contract in ``training.loop`` (metrics ``train/loss_g``, ``train/loss_d``,
-    ``train/adversarial``, ``train/cycle``, ``train/paired``, ``train/identity`` (only when
-    ``lambda_identity`` > 0), ``val/l1``, ``lr``).
+    data sizes); a finished run is returned again without training. A checkpoint of another run
+    raises :class:`CheckpointError`, or with ``restart_if_stale`` is deleted and training starts
+    over (``training.fit``). ``on_epoch_end`` follows the contract in ``training.loop`` (metrics
+    ``train/loss_g``, ``train/loss_d``, ``train/adversarial``, ``train/cycle``, ``train/paired``,
+    ``train/identity`` (only when ``lambda_identity`` > 0), ``val/l1``, ``lr``).
 
     Under ``torchrun`` every rank trains its share of each global batch of ``cfg.batch_size``, all
     four networks in DistributedDataParallel (``training.distributed``); only rank 0 checkpoints
     and calls ``on_epoch_end``, and the result equals the single-process run's up to float
     rounding. InstanceNorm normalises each image on its own, so no statistics cross ranks.
     """
-    device = resolve_device(device)
-    context = distributed.init_from_env(device)
-    device = distributed.rank_device(device, context)
+    device = training_device(device)
     loss = CycleGANLoss(lambda_cycle=cfg.lambda_cycle, lambda_identity=cfg.lambda_identity,
                         lambda_paired=cfg.lambda_paired)
     nets = build_cyclegan(cfg, seed)
@@ -203,59 +192,76 @@ def train_cyclegan(
     for net in nets.values():
         prepare_module(net, device)
     opt_g, opt_d = _optimisers(nets, cfg)
-    stopper = EarlyStopping(cfg.warmup_epochs, cfg.patience)
-    checkpointer = Checkpointer(
-        checkpoint_dir,
-        {"kind": "cyclegan", "config": run_config(cfg), "seed": seed, "train": len(train_ds), "val": len(val_ds)},
-    )
-    history: list[dict[str, float]] = []
-    start_epoch, finished = 0, False
-    with seeded_torch(seed, device), contextlib.ExitStack() as stack:
-        # Each network is its own DDP module (identity at world size 1): the generator and the
-        # discriminator steps each back-propagate into one pair of them.
-        wrapped = {name: stack.enter_context(distributed.data_parallel(net, device)) for name, net in nets.items()}
-        record = checkpointer.load_latest()
-        if record is not None:
-            for name, net in nets.items():
-                net.load_state_dict(record["networks"][name])
-            opt_g.load_state_dict(record["opt_g"])
-            opt_d.load_state_dict(record["opt_d"])
-            stopper.load_state_dict(record["early_stopping"])
-            history, start_epoch, finished = record["history"], record["epoch"] + 1, record["finished"]
-            restore_rng_state(record["rng"])
-        for epoch in range(start_epoch, 0 if finished else cfg.epochs):
-            train_metrics = _train_epoch(nets, loss, opt_g, opt_d, train_ds, cfg, seed, epoch, device, num_workers,
-                                         wrapped)
-            val_l1 = paired_validation_loss(nets["generator_ab"], val_ds, cfg.batch_size, device)
-            metrics = as_metrics({**train_metrics, "val/l1": val_l1, "lr": opt_g.param_groups[0]["lr"]})
-            history.append({"epoch": float(epoch), **metrics})
-            finished = stopper.step(epoch, val_l1, nets["generator_ab"].state_dict()) or epoch == cfg.epochs - 1
-            (checkpointer.save if distributed.is_main_process() else _skip)(
-                {
-                    "networks": cyclegan_state(nets),
-                    "opt_g": opt_g.state_dict(),
-                    "opt_d": opt_d.state_dict(),
-                    "early_stopping": stopper.state_dict(),
-                    "epoch": epoch,
-                    "finished": finished,
-                    "history": history,
-                }
-            )
-            if on_epoch_end is not None:
-                state = EpochState(epoch, nets, stopper.is_best(epoch), stopper.best_epoch, stopper.best_loss, history)
-                distributed.run_on_main(on_epoch_end, epoch, metrics, state, device=device)
-            if finished:
-                break
-    epochs_run = len(history)
+    fingerprint = {"kind": "cyclegan", "config": run_config(cfg), "seed": seed, "train": len(train_ds),
+                   "val": len(val_ds)}
+    trainee = _CycleGANTrainee(nets, loss, opt_g, opt_d, train_ds, val_ds, cfg, seed, device, num_workers)
+    outcome = fit(trainee, cfg, seed, device, checkpoint_dir, fingerprint, on_epoch_end, restart_if_stale)
     return GeneratorTrainingResult(
-        generator_state=stopper.best_state or state_on_cpu(nets["generator_ab"]),
-        best_epoch=stopper.best_epoch,
-        best_val_loss=stopper.best_loss,
-        epochs_run=epochs_run,
-        stopped_early=epochs_run < cfg.epochs,
-        history=history,
+        generator_state=outcome.best_state or state_on_cpu(nets["generator_ab"]),
+        best_epoch=outcome.best_epoch,
+        best_val_loss=outcome.best_val_loss,
+        epochs_run=outcome.epochs_run,
+        stopped_early=outcome.stopped_early,
+        history=outcome.history,
         loss=loss,
     )
+
+
+@dataclass
+class _CycleGANTrainee:
+    """The CycleGAN's part of ``training.fit``: :func:`train_step` over an epoch, the paired L1 check."""
+
+    networks: dict[str, nn.Module]
+    loss: CycleGANLoss
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    train_ds: PairedImageDataset
+    val_ds: PairedImageDataset
+    cfg: GeneratorConfig
+    seed: int
+    device: torch.device
+    num_workers: int
+    kept_network: str = "generator_ab"
+
+    def train_epoch(self, epoch: int, wrapped: Mapping[str, nn.Module]) -> dict[str, float]:
+        """Epoch metrics: the mean over steps of each step's global-batch mean (as in one process)."""
+        nets, device = self.networks, self.device
+        for net in nets.values():
+            net.train()
+        loader = epoch_loader(self.train_ds, self.cfg.batch_size, self.seed, epoch, shuffle=True,
+                              num_workers=self.num_workers, pin_memory=device.type == "cuda", shard=True)
+        sums: dict[str, list[float]] = {}
+        counts: list[int] = []
+        for real_a, real_b in tqdm(loader, desc=f"cyclegan epoch {epoch}", leave=False,
+                                   disable=None if distributed.is_main_process() else True):
+            step = train_step(nets, self.loss, self.opt_g, self.opt_d, to_device(real_a, device),
+                              to_device(real_b, device), device, wrapped)
+            counts.append(len(real_a))
+            for key, value in step.items():
+                sums.setdefault(key, []).append(value)
+        if distributed.is_distributed():
+            # Every rank runs the same number of steps (distributed.shard_order): one all-reduce of
+            # per-step sums and counts gives each step's global-batch mean.
+            keys = sorted(sums)
+            local = [value * count for key in keys for value, count in zip(sums[key], counts)]
+            total = np.asarray(distributed.all_reduce_sum([*local, *counts], device))
+            per_step = total[: len(local)].reshape(len(keys), len(counts)) / total[len(local):]
+            sums = {key: per_step[i].tolist() for i, key in enumerate(keys)}
+        return {f"train/{key}": mean(values) for key, values in sums.items()}
+
+    def validate(self) -> tuple[float, dict[str, float]]:
+        val_l1 = paired_validation_loss(self.networks["generator_ab"], self.val_ds, self.cfg.batch_size, self.device)
+        return val_l1, {"val/l1": val_l1, "lr": self.opt_g.param_groups[0]["lr"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"networks": cyclegan_state(self.networks), "opt_g": self.opt_g.state_dict(),
+                "opt_d": self.opt_d.state_dict()}
+
+    def load_state_dict(self, record: Mapping[str, Any]) -> None:
+        for name, net in self.networks.items():
+            net.load_state_dict(record["networks"][name])
+        self.opt_g.load_state_dict(record["opt_g"])
+        self.opt_d.load_state_dict(record["opt_d"])
 
 
 def _optimisers(nets: dict[str, nn.Module], cfg: GeneratorConfig) -> tuple[torch.optim.Adam, torch.optim.Adam]:
@@ -309,48 +315,6 @@ def train_step(
     return {"loss_g": loss_g.item(), "loss_d": loss_d.item(), **{k: v.item() for k, v in terms.items()}}
 
 
-def _train_epoch(
-    nets: dict[str, nn.Module],
-    loss: CycleGANLoss,
-    opt_g: torch.optim.Optimizer,
-    opt_d: torch.optim.Optimizer,
-    train_ds: PairedImageDataset,
-    cfg: GeneratorConfig,
-    seed: int,
-    epoch: int,
-    device: torch.device,
-    num_workers: int,
-    wrapped: Mapping[str, nn.Module] | None = None,
-) -> dict[str, float]:
-    """Epoch metrics: the mean over steps of each step's global-batch mean (as in one process)."""
-    for net in nets.values():
-        net.train()
-    loader = epoch_loader(train_ds, cfg.batch_size, seed, epoch, shuffle=True, num_workers=num_workers,
-                          pin_memory=device.type == "cuda", shard=True)
-    sums: dict[str, list[float]] = {}
-    counts: list[int] = []
-    for real_a, real_b in tqdm(loader, desc=f"cyclegan epoch {epoch}", leave=False,
-                               disable=None if distributed.is_main_process() else True):
-        step = train_step(nets, loss, opt_g, opt_d, to_device(real_a, device), to_device(real_b, device), device,
-                          wrapped)
-        counts.append(len(real_a))
-        for key, value in step.items():
-            sums.setdefault(key, []).append(value)
-    if distributed.is_distributed():
-        # Every rank runs the same number of steps (distributed.shard_order): one all-reduce of
-        # per-step sums and counts gives each step's global-batch mean.
-        keys = sorted(sums)
-        local = [value * count for key in keys for value, count in zip(sums[key], counts)]
-        total = np.asarray(distributed.all_reduce_sum([*local, *counts], device))
-        per_step = total[: len(local)].reshape(len(keys), len(counts)) / total[len(local):]
-        sums = {key: per_step[i].tolist() for i, key in enumerate(keys)}
-    return {f"train/{key}": mean(values) for key, values in sums.items()}
-
-
-def _skip(*_: object) -> None:
-    """Ranks other than 0 write nothing."""
-
-
 @torch.no_grad()
 def paired_validation_loss(
     generator: nn.Module, val_ds: PairedImageDataset, batch_size: int, device: str | torch.device = "cpu"
@@ -401,18 +365,3 @@ def describe(result: GeneratorTrainingResult) -> dict[str, Any]:
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
     }
-
-
-def train_cyclegan_with_resume(train_ds, val_ds, cfg: GeneratorConfig, seed: int, ckpt: Path, callback, device: str
-                      ) -> GeneratorTrainingResult:
-    """train_cyclegan, resuming from ``ckpt``; a checkpoint of another configuration is discarded.
-
-    Under ``dvc repro`` the model folder persists between runs so that a killed run resumes; when
-    params or data changed, its checkpoints belong to another run and are stale, not resumable.
-    """
-    try:
-        return train_cyclegan(train_ds, val_ds, cfg, seed, checkpoint_dir=ckpt, on_epoch_end=callback, device=device)
-    except CheckpointError as exc:
-        print(f"train_generator: discarding stale checkpoint ({exc})", file=sys.stderr)
-        shutil.rmtree(ckpt, ignore_errors=True)
-        return train_cyclegan(train_ds, val_ds, cfg, seed, checkpoint_dir=ckpt, on_epoch_end=callback, device=device)

@@ -1,4 +1,5 @@
-"""Pieces both training loops share: the per-epoch callback contract, data order, devices.
+"""Pieces the fit loop (``training.fit``) and both trainers share: the per-epoch callback
+contract, data order, devices.
 
 The callback contract
 ---------------------
