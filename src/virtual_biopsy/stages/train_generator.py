@@ -141,11 +141,11 @@ def train_fold(paths: ProjectPaths, params: Params, view: str, fold: int, images
     val_quality, _ = evaluate_generator(generator, images, subsets["val"], cfg.batch_size, device)
     test, synthetic = evaluate_generator(generator, images, subsets["test"], cfg.batch_size, device)
     weights = paths.generator_weights(view, fold)
+    if out_dir is not None:
+        weights = staged_path(weights, paths.generator_dir(view), out_dir)
     if distributed.is_main_process():
         save_generator_weights(weights, result.generator_state, cfg, view=view, fold=fold,
                                image_size=int(images.shape[1]), best_epoch=result.best_epoch)
-    if out_dir is not None:
-        weights = staged_path(weights, paths.generator_dir(view), out_dir)
     run.log_params({"view": view, "fold": fold, "seed": seed, "image_size": images.shape[1],
                     **{f"pairs_{k}": len(v) for k, v in subsets.items()}})
     run.log_metrics({**{f"test_{k}": v for k, v in test.items()}, "val_ssim": val_quality["ssim"],
