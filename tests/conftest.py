@@ -1,8 +1,16 @@
-"""Shared fixtures. Tiny datasets come from the project's own generator (vbiopsy synth)."""
+"""Shared fixtures. Tiny datasets come from the project's own generator (vbiopsy synth).
+
+Tiny projects are made by ``make_project`` (raw data, params.yaml, the first stages) and copied by
+``copy_project`` (a project's data and params.yaml with some sections changed); both are fixtures
+that return the function, so module fixtures and helpers take them like any other fixture.
+"""
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +20,90 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 # DVC would otherwise leave a temp file per command and spawn a daemon to post usage analytics.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread while a module's tests run (the previous count is restored after).
+
+    Tiny networks on tiny batches: on a shared 2-core machine, synchronising threads costs more
+    than they compute (a 2-fold classifier run is ~6x faster with one) and oversubscribed cores
+    stall. A module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``;
+    it is set up before the module's own fixtures, so those that train run on one thread too.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --- tiny projects ----------------------------------------------------------------------------------
+def _build_project(root: Path, params: Mapping[str, Any], *, synth=None, raw: Path | None = None, seed: int = 7,
+                   stages: Sequence[str] = ("ingest", "preprocess", "split")):
+    """The project at ``root``: data/raw (a copy of ``raw``, else ``synthesize(synth, seed)``),
+    ``params`` as params.yaml, then ``stages`` run in that order in process, without MLflow.
+    Returns its ProjectPaths."""
+    import yaml
+
+    from virtual_biopsy.core.config import load_params
+    from virtual_biopsy.core.paths import ProjectPaths
+    from virtual_biopsy.data.synthetic import synthesize
+    from virtual_biopsy.stages.ingest import run_ingest
+    from virtual_biopsy.stages.preprocess import run_preprocess
+    from virtual_biopsy.stages.split import run_split
+
+    runners = {"ingest": run_ingest, "preprocess": run_preprocess, "split": run_split}
+    if (raw is None) == (synth is None):
+        raise ValueError("give either raw (a folder to copy) or synth (a SynthConfig to generate)")
+    if raw is not None:
+        shutil.copytree(raw, root / "data" / "raw")
+    else:
+        synthesize(root / "data" / "raw", synth, seed=seed)
+    (root / "params.yaml").write_text(yaml.safe_dump(dict(params)))
+    paths, loaded = ProjectPaths(root), load_params(root / "params.yaml")
+    for stage in stages:
+        runners[stage](paths, loaded)
+    return paths
+
+
+def _copy_project(source: Path, dest: Path, sections: Mapping[str, Mapping[str, Any]] | None = None, *,
+                  link_data: bool = False):
+    """A project at ``dest`` with the data of ``source`` (a copy, or a symlink when ``link_data``:
+    read only then) and its params.yaml, each section in ``sections`` updated key by key.
+    Returns its ProjectPaths."""
+    import yaml
+
+    from virtual_biopsy.core.paths import ProjectPaths
+
+    dest.mkdir(parents=True, exist_ok=True)
+    if link_data:
+        os.symlink(source / "data", dest / "data")
+    else:
+        shutil.copytree(source / "data", dest / "data")
+    if not sections:
+        shutil.copy(source / "params.yaml", dest / "params.yaml")
+    else:
+        params = yaml.safe_load((source / "params.yaml").read_text())
+        for name, values in sections.items():
+            params[name] = {**(params.get(name) or {}), **values}
+        (dest / "params.yaml").write_text(yaml.safe_dump(params))
+    return ProjectPaths(dest)
+
+
+@pytest.fixture(scope="session")
+def make_project():
+    """``make_project(root, params, synth=SynthConfig(...) | raw=folder, seed=7, stages=(...))``:
+    a tiny project after its first stages (``_build_project``)."""
+    return _build_project
+
+
+@pytest.fixture(scope="session")
+def copy_project():
+    """``copy_project(source, dest, {section: {key: value}}, link_data=False)``: a fresh project
+    with another project's data and (changed) params (``_copy_project``)."""
+    return _copy_project
 
 
 @pytest.fixture(scope="session")
@@ -27,23 +119,24 @@ def tiny_raw(tmp_path_factory) -> Path:
     return raw
 
 
+GENERATOR_PARAMS = {
+    "seed": 3,
+    "preprocess": {"image_size": 32, "workers": 1},
+    "split": {"folds": 2},
+    "generator": {"views": ["CC"], "ngf": 4, "ndf": 4, "n_residual_blocks": 1, "epochs": 2, "warmup_epochs": 1,
+                  "patience": 1, "batch_size": 8, "sample_every": 1},
+}
+
+
 @pytest.fixture(scope="session")
 def generator_project(tmp_path_factory) -> Path:
     """A project root after synth (24 patients), ingest, preprocess (32 px), split (2 folds) and
     train_generator --view CC (tiny CycleGAN, 2 epochs, MLflow in the root's embedded store)."""
     from virtual_biopsy.core.config import SynthConfig
-    from virtual_biopsy.data.synthetic import synthesize
-    from virtual_biopsy.stages import ingest, preprocess, split, train_generator
+    from virtual_biopsy.stages import train_generator
 
     root = tmp_path_factory.mktemp("generator_project")
-    synthesize(root / "data" / "raw", SynthConfig(patients=24, image_height=96), seed=7)
-    (root / "params.yaml").write_text(
-        "seed: 3\npreprocess: {image_size: 32, workers: 1}\nsplit: {folds: 2}\n"
-        "generator: {views: [CC], ngf: 4, ndf: 4, n_residual_blocks: 1, epochs: 2, warmup_epochs: 1,\n"
-        "            patience: 1, batch_size: 8, sample_every: 1}\n"
-    )
-    for stage in (ingest, preprocess, split):
-        assert stage.main(["--root", str(root), "--no-mlflow"]) == 0, stage.__name__
+    _build_project(root, GENERATOR_PARAMS, synth=SynthConfig(patients=24, image_height=96), seed=7)
     assert train_generator.main(["--view", "CC", "--root", str(root)]) == 0
     return root
 
@@ -128,9 +221,6 @@ def fused_project(_fused_template, tmp_path) -> Path:
     Weight files are hard links to a session template (tests never rewrite them; writing
     ~360 MB of untrained ResNet18 weights per test would dominate the run time), the rest copies.
     """
-    import os
-    import shutil
-
     def link_models(src: str, dst: str) -> None:
         (os.link if f"{os.sep}models{os.sep}" in src else shutil.copy2)(src, dst)
 
@@ -147,7 +237,7 @@ def gated_project(tmp_path_factory) -> Path:
     return root
 
 
-# --- a processed, split project (tuning and distributed-training tests) ------------------------------
+# --- a processed, split project (classifier stage, tuning, distributed-training, architecture tests) ---
 PROCESSED_PARAMS = {
     "seed": 11,
     "preprocess": {"image_size": 32, "workers": 1},
@@ -159,24 +249,16 @@ PROCESSED_PARAMS = {
 
 @pytest.fixture(scope="session")
 def processed_project(tmp_path_factory) -> Path:
-    """A project root after synth (16 patients, balanced classes), ingest, preprocess (32 px) and
-    split (2 folds) with tiny classifier params. Read only: copy what a test changes."""
-    import yaml
+    """A project root after synth (16 patients, 64 px), ingest, preprocess (32 px) and split
+    (2 folds) with tiny classifier params. Read only: ``copy_project`` what a test changes.
 
-    from virtual_biopsy.core.config import SynthConfig, load_params
-    from virtual_biopsy.core.paths import ProjectPaths
-    from virtual_biopsy.data.synthetic import synthesize
-    from virtual_biopsy.stages.ingest import run_ingest
-    from virtual_biopsy.stages.preprocess import run_preprocess
-    from virtual_biopsy.stages.split import run_split
+    Balanced classes (unlike the shared ``tiny_raw``): every fold's train, val and test subsets
+    need a benign patient, and 16 patients at the paper's 72 % malignant hold too few.
+    """
+    from virtual_biopsy.core.config import SynthConfig
 
     root = tmp_path_factory.mktemp("processed-project")
-    synthesize(root / "data" / "raw", SynthConfig(patients=16, image_height=64, malignant_share=0.5), seed=7)
-    (root / "params.yaml").write_text(yaml.safe_dump(PROCESSED_PARAMS))
-    paths, params = ProjectPaths(root), load_params(root / "params.yaml")
-    run_ingest(paths, params)
-    run_preprocess(paths, params)
-    run_split(paths, params)
+    _build_project(root, PROCESSED_PARAMS, synth=SynthConfig(patients=16, image_height=64, malignant_share=0.5), seed=7)
     return root
 
 

@@ -3,15 +3,13 @@ the predictions contract (with synthetic CESM rows), MLflow fold runs, and resum
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-from virtual_biopsy.core.config import MODALITIES, VIEWS, SynthConfig, load_params
+from virtual_biopsy.core.config import MODALITIES, VIEWS, load_params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.cohorts import (
     CohortError,
@@ -20,7 +18,6 @@ from virtual_biopsy.data.cohorts import (
     patient_subsets,
     synthetic_images,
 )
-from virtual_biopsy.data.synthetic import synthesize
 from virtual_biopsy.evaluation.predictions import (
     PREDICTION_COLUMNS,
     predictions_path,
@@ -28,35 +25,11 @@ from virtual_biopsy.evaluation.predictions import (
 )
 from virtual_biopsy.models.weights import load_classifier
 from virtual_biopsy.stages import train_classifier as stage
-from virtual_biopsy.stages.ingest import run_ingest
-from virtual_biopsy.stages.preprocess import run_preprocess
-from virtual_biopsy.stages.split import run_split
 from virtual_biopsy.training.checkpoint import INPUTS_KEY_FILE, discard_stale_checkpoint
 from virtual_biopsy.training.classifier_trainer import predict_proba
 
 ARCH = "resnet18"
-# Tiny but complete: 2 folds so each subset holds patients of both classes, 2 epochs of a
-# ResNet18 at 32 px.
-TINY_PARAMS = {
-    "seed": 11,
-    "preprocess": {"image_size": 32, "workers": 1},
-    "ingest": {"workers": 1},
-    "split": {"folds": 2, "val_share": 0.25, "test_share": 0.5},
-    "classifier": {"epochs": 2, "warmup_epochs": 1, "patience": 1, "lr_patience": 1, "batch_size": 8},
-}
-DATA_FOLDERS = ("data", "params.yaml")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """One intra-op thread: on these tiny batches, synchronising threads on shared cores costs
-    more than it computes (a 2-fold run is ~6x faster on a busy 2-core machine)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_le_as_synthetic_cesm(paths: ProjectPaths) -> None:
@@ -79,29 +52,13 @@ def write_le_as_synthetic_cesm(paths: ProjectPaths) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    """A project root with processed images, folds and imputed CESM of a tiny simulated cohort.
-
-    Balanced classes (unlike the shared ``tiny_raw``): every fold's train, val and test subsets
-    need a benign patient, and 16 patients at the paper's 72 % malignant hold too few.
-    """
-    root = tmp_path_factory.mktemp("classifier-project")
-    synthesize(root / "data" / "raw", SynthConfig(patients=16, image_height=64, malignant_share=0.5), seed=7)
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
-    paths, params = ProjectPaths(root), load_params(root / "params.yaml")
-    run_ingest(paths, params)
-    run_preprocess(paths, params)
-    run_split(paths, params)
+def tiny_data(processed_project, copy_project, tmp_path_factory) -> Path:
+    """conftest's ``processed_project`` (16 balanced patients, 2 folds, 2 epochs of a ResNet18 at
+    32 px) plus imputed CESM. Read only: ``copy_project`` it for a stage run, which then starts
+    without models or outputs."""
+    paths = copy_project(processed_project, tmp_path_factory.mktemp("classifier-project"))
     write_le_as_synthetic_cesm(paths)
-    return root
-
-
-def fresh_project(tiny_data: Path, tmp_path: Path) -> ProjectPaths:
-    """A copy of the tiny project's inputs: each stage run starts without models or outputs."""
-    for name in DATA_FOLDERS:
-        source = tiny_data / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
-    return ProjectPaths(tmp_path)
+    return paths.root
 
 
 def read_index(paths: ProjectPaths) -> pd.DataFrame:
@@ -110,9 +67,9 @@ def read_index(paths: ProjectPaths) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def cesm_run(tiny_data, tmp_path_factory) -> tuple[ProjectPaths, dict]:
+def cesm_run(tiny_data, copy_project, tmp_path_factory) -> tuple[ProjectPaths, dict]:
     """The CESM-CC classifier trained on the tiny project, logged to MLflow."""
-    paths = fresh_project(tiny_data, tmp_path_factory.mktemp("cesm-run"))
+    paths = copy_project(tiny_data, tmp_path_factory.mktemp("cesm-run"))
     summary = stage.run_train_classifier(paths, load_params(paths.root / "params.yaml"), ARCH, "CESM", "CC")
     return paths, summary
 
@@ -167,8 +124,8 @@ def test_fold_patient_subsets_are_disjoint(tiny_data):
         assert not subsets["train"] & subsets["val"]
 
 
-def test_stage_refuses_folds_that_put_a_test_patient_in_training(tiny_data, tmp_path, capsys):
-    paths = fresh_project(tiny_data, tmp_path)
+def test_stage_refuses_folds_that_put_a_test_patient_in_training(tiny_data, copy_project, tmp_path, capsys):
+    paths = copy_project(tiny_data, tmp_path)
     folds = pd.read_csv(paths.splits, dtype={"patient_id": str})
     leaked = folds[(folds["fold"] == 0) & (folds["subset"] == "test")].iloc[:1].assign(subset="train")
     pd.concat([folds, leaked]).to_csv(paths.splits, index=False)
@@ -210,20 +167,11 @@ def test_cesm_stage_writes_contract_predictions_with_real_and_synthetic_rows(ces
     weights = json.loads(paths.val_mcc(ARCH, "CESM", "CC").read_text())
     assert [f["fold"] for f in weights["folds"]] == folds
     assert all(-1 <= f["val_mcc"] <= 1 for f in weights["folds"])
-    model_dir = resumed.classifier_dir(ARCH, "FFDM", "MLO")
-    model_dir.mkdir(parents=True)
-    (model_dir / "fold7.pt").write_bytes(b"a fold of an older run with more folds")
 
 
 def test_saved_fold_weights_reproduce_the_written_test_probabilities(cesm_run):
     paths, _ = cesm_run
-    # Fold 0 finished, but its weights only join the folder with every other fold's; its checkpoint
-    # and fold 1's stay where the resumed run looks for them.
-    assert sorted(p.name for p in model_dir.iterdir()) == ["checkpoints", "fold7.pt"]
-    assert (model_dir / "checkpoints" / "fold0" / "last.pt").is_file()
-    assert (model_dir / "checkpoints" / "fold1" / "last.pt").is_file()
     model, info = load_classifier(paths.classifier_weights(ARCH, "CESM", "CC", 0))
-    assert sorted(p.name for p in model_dir.iterdir()) == ["fold0.pt", "fold1.pt", "val_mcc.json"]
     assert (info["arch"], info["modality"], info["view"], info["fold"]) == (ARCH, "CESM", "CC", 0)
     predictions = read_predictions_file(predictions_path(paths, ARCH, "CESM", "CC"), ARCH, "CESM", "CC")
     test = predictions[(predictions["fold"] == 0) & (predictions["subset"] == "test") & (predictions["source"] == "real")]
@@ -255,9 +203,9 @@ class Interrupted(Exception):
     """Stands for a kill after the first epoch's checkpoint is on disk."""
 
 
-def test_ffdm_stage_resumed_after_an_interruption_writes_the_same_predictions(tiny_data, tmp_path):
-    straight = fresh_project(tiny_data, tmp_path / "straight")
-    resumed = fresh_project(tiny_data, tmp_path / "resumed")
+def test_ffdm_stage_resumed_after_an_interruption_writes_the_same_predictions(tiny_data, copy_project, tmp_path):
+    straight = copy_project(tiny_data, tmp_path / "straight")
+    resumed = copy_project(tiny_data, tmp_path / "resumed")
     params = load_params(straight.root / "params.yaml")
     stage.run_train_classifier(straight, params, ARCH, "FFDM", "MLO", use_mlflow=False)
 
@@ -265,11 +213,20 @@ def test_ffdm_stage_resumed_after_an_interruption_writes_the_same_predictions(ti
         if (fold, epoch) == (1, 0):
             raise Interrupted
 
+    model_dir = resumed.classifier_dir(ARCH, "FFDM", "MLO")
+    model_dir.mkdir(parents=True)
+    (model_dir / "fold7.pt").write_bytes(b"a fold of an older run with more folds")
     with pytest.raises(Interrupted):
         stage.run_train_classifier(resumed, params, ARCH, "FFDM", "MLO", use_mlflow=False,
                                    epoch_callback=stop_after_first_epoch_of_fold_1)
     assert not predictions_path(resumed, ARCH, "FFDM", "MLO").exists()  # nothing half-written
+    # Fold 0 finished, but its weights only join the folder with every other fold's; its checkpoint
+    # and fold 1's stay where the resumed run looks for them.
+    assert sorted(p.name for p in model_dir.iterdir()) == ["checkpoints", "fold7.pt"]
+    assert (model_dir / "checkpoints" / "fold0" / "last.pt").is_file()
+    assert (model_dir / "checkpoints" / "fold1" / "last.pt").is_file()
     stage.run_train_classifier(resumed, params, ARCH, "FFDM", "MLO", use_mlflow=False)
+    assert sorted(p.name for p in model_dir.iterdir()) == ["fold0.pt", "fold1.pt", "val_mcc.json"]
 
     expected = read_predictions_file(predictions_path(straight, ARCH, "FFDM", "MLO"), ARCH, "FFDM", "MLO")
     found = read_predictions_file(predictions_path(resumed, ARCH, "FFDM", "MLO"), ARCH, "FFDM", "MLO")

@@ -73,15 +73,11 @@ if os.environ.get("RANK", "0") == "0":
 '''
 
 
-def single_and_torchrun(processed_project: Path, tmp_path: Path, worker_source: str, section: str,
+def single_and_torchrun(copy_project, processed_project: Path, tmp_path: Path, worker_source: str, section: str,
                         overrides: dict) -> tuple[dict, dict, str]:
     """Run ``worker_source`` as one process and under ``torchrun --nproc_per_node=2`` (gloo on
-    127.0.0.1), each in its own project (processed data of ``processed_project``, params section
-    ``section`` updated with ``overrides``); returns both JSON results and torchrun's stdout."""
-    import yaml
-
-    params = yaml.safe_load((processed_project / "params.yaml").read_text())
-    params[section] = {**params.get(section, {}), **overrides}
+    127.0.0.1), each in its own project (processed data of ``processed_project``, linked, params
+    section ``section`` updated with ``overrides``); returns both JSON results and torchrun's stdout."""
     worker = tmp_path / "worker.py"
     worker.write_text(worker_source)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -91,10 +87,7 @@ def single_and_torchrun(processed_project: Path, tmp_path: Path, worker_source: 
                          f"--master_port={free_port()}"]}
     results, stdout = {}, ""
     for name, launcher in launchers.items():
-        project = tmp_path / name
-        project.mkdir()
-        os.symlink(processed_project / "data", project / "data")
-        (project / "params.yaml").write_text(yaml.safe_dump(params))
+        project = copy_project(processed_project, tmp_path / name, {section: overrides}, link_data=True).root
         done = subprocess.run([*launcher, str(worker), str(project), str(tmp_path / f"{name}.json")],
                               env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{name}: {done.stderr[-3000:]}"
@@ -122,13 +115,14 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.init_from_env().world_size == 1 or "WORLD_SIZE" in os.environ
 
 
-def test_torchrun_two_cpu_processes_match_one_process_with_the_same_global_batch(processed_project, tmp_path):
+def test_torchrun_two_cpu_processes_match_one_process_with_the_same_global_batch(processed_project, copy_project,
+                                                                                  tmp_path):
     """Tolerance: validation loss per epoch within 1e-4 relative, training loss within 1e-2
     relative, validation probabilities within 1e-4, lesion-level validation AUC and MCC within
     0.02 (measured: 5e-6, 3e-4, 5e-7, 0). Each step's gradients agree to float rounding (~1e-5
     relative: per-rank partial sums are added in another order) and Adam's normalised steps
     amplify that over many steps, so the check is tight but not bitwise."""
-    one, two, _ = single_and_torchrun(processed_project, tmp_path, WORKER, "classifier",
+    one, two, _ = single_and_torchrun(copy_project, processed_project, tmp_path, WORKER, "classifier",
                                       {"epochs": 2, "batch_size": 8, "lr": 0.0003, "augment": True})
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert two["callback_ranks"] == [0, 0]  # only rank 0 runs on_epoch_end (MLflow, pruning)
@@ -141,14 +135,15 @@ def test_torchrun_two_cpu_processes_match_one_process_with_the_same_global_batch
         assert two["val"][metric] == pytest.approx(one["val"][metric], abs=0.02)
 
 
-def test_torchrun_two_cpu_processes_run_the_generator_stage_like_one_process(processed_project, tmp_path):
+def test_torchrun_two_cpu_processes_run_the_generator_stage_like_one_process(processed_project, copy_project,
+                                                                              tmp_path):
     """Tolerance: validation L1 and training generator loss per epoch and fold within 2e-5
     relative, per-fold test SSIM within 1e-4 (measured: 6e-7, 2e-7, 5e-8). One step's gradients
     agree to ~1e-6 relative (per-rank partial sums added in another order); Adam's normalised
     steps amplify such rounding, at lr 1e-3 to ~5e-3 in the GAN's val L1 after 4 steps, so the
     test trains at lr 1e-4 (the paper's generator lr is 1e-5)."""
     one, two, stdout = single_and_torchrun(
-        processed_project, tmp_path, GENERATOR_WORKER, "generator",
+        copy_project, processed_project, tmp_path, GENERATOR_WORKER, "generator",
         {"views": ["CC"], "ngf": 4, "ndf": 4, "n_residual_blocks": 1, "epochs": 2, "warmup_epochs": 1,
          "patience": 2, "batch_size": 4, "lr": 0.0001, "sample_every": 0, "device": "cpu"},
     )

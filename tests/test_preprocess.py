@@ -21,21 +21,17 @@ from virtual_biopsy.data.preprocess import (
     preprocess_pixels,
     resize_square,
 )
-from virtual_biopsy.stages import ingest as ingest_stage
 from virtual_biopsy.stages import preprocess as preprocess_stage
 
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def processed(tiny_raw, tmp_path_factory) -> ProjectPaths:
+def processed(tiny_raw, make_project, tmp_path_factory) -> ProjectPaths:
     """A temp project after the ingest and preprocess stages (two worker processes)."""
-    root = tmp_path_factory.mktemp("project")
-    shutil.copytree(tiny_raw, root / "data" / "raw")
-    (root / "params.yaml").write_text(f"ingest:\n  workers: 2\npreprocess:\n  image_size: {SIZE}\n  workers: 2\n")
-    assert ingest_stage.main(["--root", str(root), "--no-mlflow"]) == 0
-    assert preprocess_stage.main(["--root", str(root), "--no-mlflow"]) == 0
-    return ProjectPaths(root)
+    return make_project(tmp_path_factory.mktemp("project"),
+                        {"ingest": {"workers": 2}, "preprocess": {"image_size": SIZE, "workers": 2}},
+                        raw=tiny_raw, stages=("ingest", "preprocess"))
 
 
 # --- single steps on hand-made arrays ----------------------------------------------------------
@@ -128,6 +124,10 @@ def test_stage_rows_match_preprocessing_each_file_alone(processed):
 
 
 def test_stage_names_the_missing_manifest(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text("preprocess:\n  workers: 1\n")
+    assert preprocess_stage.main(["--root", str(tmp_path), "--no-mlflow"]) == 1
+    err = capsys.readouterr().err
+    assert "manifest.csv" in err and "run the ingest stage first" in err
 
 
 def _digests(folder) -> dict[str, str]:
@@ -153,7 +153,3 @@ def test_processed_folder_is_replaced_as_one_set(processed, tmp_path, monkeypatc
     assert preprocess_stage.main(["--root", str(root), "--no-mlflow"]) == 0
     assert _digests(paths.processed_dir) == before
     assert sorted(p.name for p in paths.processed_dir.parent.iterdir()) == ["interim", "processed", "raw"]
-    (tmp_path / "params.yaml").write_text("preprocess:\n  workers: 1\n")
-    assert preprocess_stage.main(["--root", str(tmp_path), "--no-mlflow"]) == 1
-    err = capsys.readouterr().err
-    assert "manifest.csv" in err and "run the ingest stage first" in err

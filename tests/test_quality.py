@@ -2,12 +2,8 @@
 defect injected into them fails naming its expectation."""
 from __future__ import annotations
 
-import functools
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,43 +23,43 @@ SIZE = 32
 CFG = ValidateDataConfig(min_patients=10)
 
 
-@functools.lru_cache(maxsize=1)
-def _simulated_dataset() -> tuple[pd.DataFrame, np.ndarray]:
+@pytest.fixture(scope="module")
+def simulated(make_project, tmp_path_factory) -> tuple[pd.DataFrame, np.ndarray]:
     """Manifest and processed images of a 16-patient dataset from `vbiopsy synth` -> ingest -> preprocess."""
-    from virtual_biopsy.core.config import SynthConfig, load_params
-    from virtual_biopsy.core.paths import ProjectPaths
-    from virtual_biopsy.data.synthetic import synthesize
-    from virtual_biopsy.stages.ingest import run_ingest
-    from virtual_biopsy.stages.preprocess import run_preprocess
+    from virtual_biopsy.core.config import SynthConfig
 
-    root = Path(tempfile.mkdtemp(prefix="vbiopsy-quality-"))
-    try:
-        synthesize(root / "data" / "raw", SynthConfig(patients=16, image_height=64), seed=11)
-        (root / "params.yaml").write_text(f"preprocess: {{image_size: {SIZE}, workers: 1}}\ningest: {{workers: 1}}\n")
-        paths, params = ProjectPaths(root), load_params(root / "params.yaml")
-        run_ingest(paths, params)
-        run_preprocess(paths, params)
-        manifest = pd.read_csv(paths.manifest, dtype={"acr": str}, keep_default_na=False)
-        manifest["acr"] = manifest["acr"].replace("", None)
-        return manifest, np.load(paths.processed_images)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    paths = make_project(tmp_path_factory.mktemp("quality"), {"preprocess": {"image_size": SIZE, "workers": 1},
+                                                               "ingest": {"workers": 1}},
+                         synth=SynthConfig(patients=16, image_height=64), seed=11, stages=("ingest", "preprocess"))
+    manifest = pd.read_csv(paths.manifest, dtype={"acr": str}, keep_default_na=False)
+    manifest["acr"] = manifest["acr"].replace("", None)
+    return manifest, np.load(paths.processed_images)
 
 
-def clean_manifest(patients: int | None = None) -> pd.DataFrame:
-    """The simulated dataset's manifest (a copy), optionally only its first ``patients`` patients."""
-    manifest = _simulated_dataset()[0].copy()
-    if patients is not None:
-        keep = sorted(manifest["patient_id"].unique())[:patients]
-        manifest = manifest[manifest["patient_id"].isin(keep)].reset_index(drop=True)
-    return manifest
+@pytest.fixture
+def clean_manifest(simulated) -> Callable[..., pd.DataFrame]:
+    """``clean_manifest(patients=None)``: the simulated manifest (a copy), optionally only its
+    first ``patients`` patients."""
+    def copy(patients: int | None = None) -> pd.DataFrame:
+        manifest = simulated[0].copy()
+        if patients is not None:
+            keep = sorted(manifest["patient_id"].unique())[:patients]
+            manifest = manifest[manifest["patient_id"].isin(keep)].reset_index(drop=True)
+        return manifest
+
+    return copy
 
 
-def clean_images(n: int, size: int = SIZE) -> np.ndarray:
-    """The simulated dataset's first ``n`` processed images (a copy), zero-padded to ``size``."""
-    images = _simulated_dataset()[1][:n].copy()
-    pad = size - images.shape[1]
-    return np.pad(images, ((0, 0), (0, pad), (0, pad))) if pad > 0 else images
+@pytest.fixture
+def clean_images(simulated) -> Callable[..., np.ndarray]:
+    """``clean_images(n, size=SIZE)``: the simulated dataset's first ``n`` processed images (a
+    copy), zero-padded to ``size``."""
+    def copy(n: int, size: int = SIZE) -> np.ndarray:
+        images = simulated[1][:n].copy()
+        pad = size - images.shape[1]
+        return np.pad(images, ((0, 0), (0, pad), (0, pad))) if pad > 0 else images
+
+    return copy
 
 
 def run(manifest: pd.DataFrame, images: np.ndarray, index: pd.DataFrame | None = None, cfg=CFG):
@@ -74,7 +70,7 @@ def failed_names(report) -> set[str]:
     return {o.name for o in report.critical_failures}
 
 
-def test_clean_dataset_passes_every_critical_expectation():
+def test_clean_dataset_passes_every_critical_expectation(clean_manifest, clean_images):
     manifest = clean_manifest()
     report = run(manifest, clean_images(len(manifest)))
     assert report.passed, report.failure_message()
@@ -126,7 +122,7 @@ DEFECTS: dict[str, tuple[str, Callable | None, Callable | None]] = {
 
 
 @pytest.mark.parametrize("defect", list(DEFECTS))
-def test_injected_defect_fails_its_critical_expectation(defect):
+def test_injected_defect_fails_its_critical_expectation(defect, clean_manifest, clean_images):
     expectation, edit_manifest, edit_images = DEFECTS[defect]
     manifest = clean_manifest()
     images = clean_images(len(manifest))
@@ -140,19 +136,19 @@ def test_injected_defect_fails_its_critical_expectation(defect):
     assert expectation in report.failure_message()
 
 
-def test_too_few_patients_fails_patient_count():
+def test_too_few_patients_fails_patient_count(clean_manifest, clean_images):
     manifest = clean_manifest(patients=6)
     report = run(manifest, clean_images(len(manifest)))
     assert "patient_count_in_range" in failed_names(report)
 
 
-def test_wrong_processed_size_fails_shape_expectations():
+def test_wrong_processed_size_fails_shape_expectations(clean_manifest, clean_images):
     manifest = clean_manifest()
     report = run(manifest, clean_images(len(manifest), size=SIZE + 8))
     assert {"processed_height_is_configured_size", "processed_width_is_configured_size"} <= failed_names(report)
 
 
-def test_index_not_matching_array_fails_row_count_and_membership():
+def test_index_not_matching_array_fails_row_count_and_membership(clean_manifest, clean_images):
     manifest = clean_manifest()
     index = manifest.assign(row=np.arange(len(manifest)))
     index.loc[0, "image_id"] = "not-in-manifest"
@@ -160,14 +156,14 @@ def test_index_not_matching_array_fails_row_count_and_membership():
     assert {"index_rows_match_array", "processed_images_in_manifest"} <= failed_names(report)
 
 
-def test_missing_manifest_column_fails_schema_and_skips_its_checks():
+def test_missing_manifest_column_fails_schema_and_skips_its_checks(clean_manifest, clean_images):
     manifest = clean_manifest().drop(columns=["view"])
     report = run(manifest, clean_images(len(manifest)))
     assert "manifest_has_required_columns" in failed_names(report)
     assert "view_in_domain" not in {o.name for o in report.outcomes}
 
 
-def test_warnings_are_recorded_but_do_not_fail():
+def test_warnings_are_recorded_but_do_not_fail(clean_manifest, clean_images):
     manifest = clean_manifest()
     manifest.loc[:, "acr"] = None
     manifest.loc[3, "age"] = None
@@ -176,7 +172,7 @@ def test_warnings_are_recorded_but_do_not_fail():
     assert {o.name for o in report.warning_failures} == {"acr_mostly_reported", "age_reported"}
 
 
-def test_failure_examples_name_the_offending_image():
+def test_failure_examples_name_the_offending_image(clean_manifest, clean_images):
     manifest = clean_manifest()
     manifest.loc[4, "age"] = 150
     report = run(manifest, clean_images(len(manifest)))
@@ -196,7 +192,7 @@ def test_image_stats_rejects_array_of_wrong_rank():
         image_stats(np.zeros((4, 32), dtype=np.float32))
 
 
-def test_image_stats_reads_memmap_in_chunks(tmp_path):
+def test_image_stats_reads_memmap_in_chunks(tmp_path, clean_images):
     images = clean_images(7)
     np.save(tmp_path / "images.npy", images)
     stats = image_stats(np.load(tmp_path / "images.npy", mmap_mode="r"), chunk=3)
@@ -215,7 +211,7 @@ def write_project(root, manifest: pd.DataFrame, images: np.ndarray) -> None:
     (root / "params.yaml").write_text(f"preprocess:\n  image_size: {SIZE}\nvalidate_data:\n  min_patients: {CFG.min_patients}\n")
 
 
-def test_stage_writes_results_metrics_and_static_data_docs(tmp_path):
+def test_stage_writes_results_metrics_and_static_data_docs(tmp_path, clean_manifest, clean_images):
     manifest = clean_manifest()
     write_project(tmp_path, manifest, clean_images(len(manifest)))
     assert validate_data.main(["--root", str(tmp_path)]) == 0
@@ -229,7 +225,7 @@ def test_stage_writes_results_metrics_and_static_data_docs(tmp_path):
     assert not list(out.glob(".gx-*")), "the temporary GX project is removed"
 
 
-def test_stage_exits_nonzero_naming_failed_expectation_and_rows(tmp_path, capsys):
+def test_stage_exits_nonzero_naming_failed_expectation_and_rows(tmp_path, capsys, clean_manifest, clean_images):
     manifest = clean_manifest()
     manifest.loc[2, "view"] = "XCC"
     write_project(tmp_path, manifest, clean_images(len(manifest)))
