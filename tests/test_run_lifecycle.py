@@ -288,3 +288,66 @@ def test_duplicate_implicit_parents_are_merged_into_the_oldest(project):
     assert gone.info.lifecycle_stage == "deleted" and gone.data.tags[tracking.DUPLICATE_TAG] == older
     assert client.get_run(older).info.status == "FINISHED"
     assert _running(project) == []
+
+
+@pytest.mark.parametrize("mlflow", [True, False], ids=["mlflow", "no-mlflow"])
+def test_killed_tune_ends_its_runs_killed_and_its_trial_fail(processed_project, copy_project, project, mlflow):
+    # Without MLflow (as for a worker joining a study) no stage run holds the signals: tune does.
+    import optuna
+
+    # A trial long enough to be killed in (100 epochs); the kill comes after its first epoch.
+    copy_project(processed_project, project, {
+        "classifier": {"epochs": 100, "warmup_epochs": 100, "patience": 100},
+        "tune": {"trials": 1, "metric": "auc", "storage": "sqlite:///optuna.db",
+                 "space": {"lr": {"low": 0.0003, "high": 0.003, "log": True}}}})
+    process = subprocess.Popen([sys.executable, "-m", "virtual_biopsy.cli.main", "tune", "--root", str(project),
+                                "--study", "killed", "--folds", "1", *([] if mlflow else ["--no-mlflow"])],
+                               env=_env(), cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    lines = []
+    for line in process.stdout:  # not a terminal: tune prints a line per epoch
+        lines.append(line)
+        if "trial 0 fold" in line and "epoch 1/" in line:
+            break
+    else:
+        process.wait()
+        pytest.fail(f"tune exited with {process.returncode} before its first epoch:\n{''.join(lines)}")
+    os.killpg(process.pid, signal.SIGTERM)
+    output = "".join(lines) + process.communicate(timeout=120)[0]
+    assert process.returncode == -signal.SIGTERM, output
+
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{project / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
+    if not mlflow:
+        return
+    assert _running(project) == []
+    runs = _by_name(project)
+    assert runs["tune killed"].info.status == runs["trial-0"].info.status == "KILLED"
+    assert runs["trial-0"].data.tags[tracking.KILLED_BY_TAG] == "SIGTERM"
+    parent = tracking.get_client(project).get_run(runs["tune killed"].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "KILLED"
+
+
+def test_run_trials_tells_fail_for_an_interrupted_trial_and_keeps_optunas_states():
+    import optuna
+
+    from virtual_biopsy.tuning.study import run_trials
+
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"x": 0.25})
+    seen = []
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        if trial.number == 1:
+            raise optuna.TrialPruned()
+        if trial.number == 2:
+            raise tracking.Interrupted(signal.SIGTERM)  # what a SIGTERM raises inside a trial
+        return x
+
+    with pytest.raises(tracking.Interrupted):
+        run_trials(study, objective, 5, lambda study, trial: seen.append((trial.number, trial.state)))
+    states = optuna.trial.TrialState
+    assert [t.state for t in study.trials] == [states.COMPLETE, states.PRUNED, states.FAIL]
+    assert study.trials[0].params == {"x": 0.25}  # the enqueued trial came first, as with optimize
+    assert seen == [(0, states.COMPLETE), (1, states.PRUNED)]

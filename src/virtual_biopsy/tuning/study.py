@@ -5,6 +5,11 @@ Tracking
     ``trial-<n>`` per trial with its params, per-step validation metric and losses, and its
     final value; pruned trials carry the tag ``optuna_state=PRUNED``.
 
+A stopped worker
+    SIGTERM, Ctrl-C or SIGHUP raise ``tracking.Interrupted`` in the trial (every worker, with or
+    without MLflow): the trial's run and the study's run end KILLED, the Optuna trial is told
+    FAIL (:func:`run_trials`), then the process dies of the signal as it would have.
+
 Result
     reports/tune/best_params.yaml (params.yaml shape) and the ``dvc exp run -S ...`` command that
     applies it; ``--apply`` runs that command.
@@ -104,8 +109,10 @@ def run_tuning(paths: ProjectPaths, params: Params, request: TuneRequest) -> dic
     # The creating worker owns the study's run; the others nest their trials under it, and without
     # MLflow every run is a NullRun.
     owner = request.use_mlflow and created
-    with tracking.stage_run(STAGE, root=paths.root, params=params, tags=tags, run_name=f"tune {name}",
-                            enabled=owner) as own_run:
+    # Signals raise in every worker (a joining worker and --no-mlflow open no stage run): a stopped
+    # worker still tells its trial FAIL.
+    with tracking.signals_as_exceptions(), tracking.stage_run(
+            STAGE, root=paths.root, params=params, tags=tags, run_name=f"tune {name}", enabled=owner) as own_run:
         if owner:
             study.set_user_attr(PARENT_RUN_ATTR, own_run.run_id)
             study.set_user_attr("metric", request.metric)
@@ -128,7 +135,7 @@ def run_tuning(paths: ProjectPaths, params: Params, request: TuneRequest) -> dic
                              f"best {f'{best.value:.3f} (trial {best.number})' if best else '-'}; "
                              f"{len(finished)}/{request.trials} done")
 
-            study.optimize(objective, n_trials=request.trials, callbacks=[progress])
+            run_trials(study, objective, request.trials, progress)
         best = _best_or_none(study)
         if best is None:
             raise TuningError(f"study {name}: no trial completed (all pruned or failed); widen tune.space")
@@ -136,6 +143,38 @@ def run_tuning(paths: ProjectPaths, params: Params, request: TuneRequest) -> dic
         own_run.log_metrics({f"best_val_{request.metric}": best.value, "best_trial": best.number})
         own_run.log_artifact(best_params_path(paths), STAGE)
     return result
+
+
+def run_trials(study, objective, n_trials: int, callback=None) -> None:
+    """``study.optimize(objective, n_trials, callbacks=[callback])`` by Optuna's ask-and-tell.
+
+    Optuna's optimize tells FAIL when the objective raises (KeyboardInterrupt included), but a
+    signal that lands while it asks for or tells a trial, outside the objective, would leave that
+    trial RUNNING for ever. Here asking and telling hold signals back (``tracking.deferred_signals``)
+    and any exception, a kill (``tracking.Interrupted``) included, tells the trial FAIL before it
+    goes on up.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    for _ in range(n_trials):
+        trial = None
+        try:
+            with tracking.deferred_signals():
+                trial = study.ask()
+            try:
+                value, state = objective(trial), None
+            except optuna.TrialPruned:
+                value, state = None, TrialState.PRUNED
+            with tracking.deferred_signals():
+                frozen = study.tell(trial, value, state=state)
+        except BaseException:
+            if trial is not None:
+                with tracking.deferred_signals():
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+        if callback is not None:
+            callback(study, frozen)
 
 
 def _best_or_none(study):
