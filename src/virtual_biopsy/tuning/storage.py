@@ -76,13 +76,15 @@ def check_study_identity(study, identity: dict, created: bool) -> None:
     the search space. A worker joining with another fold count or space would mix objectives
     that are not comparable in one TPE model and one "best trial".
     """
-    if created:
-        study.set_user_attr(IDENTITY_ATTR, identity)
-        return
     recorded = study.user_attrs.get(IDENTITY_ATTR)
     if recorded is None:
-        raise TuningError(f"study {study.study_name}: has no recorded identity (made by an older version); "
-                          "use another --study name")
+        # A new study, or one made outside `vbiopsy tune` (e.g. to enqueue a first trial): it is
+        # ours to describe while none of its trials has run.
+        if not created and any(trial.state.is_finished() for trial in study.get_trials(deepcopy=False)):
+            raise TuningError(f"study {study.study_name}: has finished trials but no record of what they "
+                              "optimised (made by another tool or an older version); use another --study name")
+        study.set_user_attr(IDENTITY_ATTR, identity)
+        return
     differs = [key for key in sorted(set(identity) | set(recorded)) if identity.get(key) != recorded.get(key)]
     if differs:
         what = "; ".join(f"{key} {recorded.get(key)!r} (this run: {identity.get(key)!r})" for key in differs)
