@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from virtual_biopsy.cli.profile import exp_run_command, profile_overrides
+from virtual_biopsy.cli.profile import profile_overrides
 from virtual_biopsy.core.config import ConfigError
+from virtual_biopsy.core.experiments import exp_run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 

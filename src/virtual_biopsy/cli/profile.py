@@ -7,7 +7,6 @@ with `dvc exp run -S key=value ...`, so the default profile in params.yaml stays
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import yaml
 
 from virtual_biopsy.core.config import ConfigError, load_params, params_from_dict
+from virtual_biopsy.core.experiments import exp_run_command
 
 
 def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -50,13 +50,6 @@ def profile_overrides(profile_file: Path, params_file: Path) -> dict[str, Any]:
     return _flatten(override)
 
 
-def exp_run_command(overrides: dict[str, Any], name: str) -> list[str]:
-    sets = []
-    for key, value in overrides.items():
-        # dvc's -S takes YAML/Hydra values: lists as JSON, scalars as they are.
-        rendered = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-        sets += ["-S", f"{key}={rendered}"]
-    return ["dvc", "exp", "run", "-n", name, *sets]
 
 
 def run_profile(args: argparse.Namespace) -> int:

@@ -30,7 +30,13 @@ from virtual_biopsy.core.atomic import write_text
 from virtual_biopsy.core.config import ARCHITECTURES, MODALITIES, VIEWS, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.mlops import tracking
-from virtual_biopsy.tuning.objective import METRICS, ClassifierObjective, TuningError, check_space, tuning_folds
+from virtual_biopsy.tuning.objective import (
+    METRICS,
+    ClassifierObjective,
+    TuningError,
+    check_space,
+    tuning_folds,
+)
 from virtual_biopsy.tuning.storage import (
     check_study_identity,
     default_study_name,
@@ -206,7 +212,7 @@ def _plain(value: Any) -> Any:
 
 
 def apply_command(overrides: Mapping[str, Any], study_name: str) -> list[str]:
-    from virtual_biopsy.cli.profile import exp_run_command
+    from virtual_biopsy.core.experiments import exp_run_command
 
     return exp_run_command(dict(overrides), f"tune-{study_name}")
 

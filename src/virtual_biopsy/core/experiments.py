@@ -1,0 +1,19 @@
+"""The ``dvc exp run`` command that applies params.yaml overrides (a profile, a tuning result).
+
+DVC, not this package, runs the experiment: the command is printed for the user (or run by
+``--run``/``--apply``), so what applied a setting is visible and repeatable.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def exp_run_command(overrides: dict[str, Any], name: str) -> list[str]:
+    """``dvc exp run -n NAME -S key=value ...`` for dotted params.yaml keys."""
+    sets = []
+    for key, value in overrides.items():
+        # dvc's -S takes YAML/Hydra values: lists as JSON, scalars as they are.
+        rendered = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        sets += ["-S", f"{key}={rendered}"]
+    return ["dvc", "exp", "run", "-n", name, *sets]
