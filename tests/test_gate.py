@@ -100,7 +100,14 @@ def test_gate_stage_promotes_then_records_a_rejection_and_rollback_restores(fuse
     assert rejected["gate.decision"] == "rejected"
     assert "split_leakage: 3 leaking patient(s)" in rejected["gate.reasons"]
     entry = json.loads((fused_project / "reports" / "gate.json").read_text())["resnet18"]
-    assert entry["decision"] == "rejected" and entry["champion"] == "2"
+    assert entry["decision"] == "rejected"
+    # Registry version numbers are in MLflow (the gate run's tags), not in the DVC-tracked report.
+    assert not {"version", "champion", "previous_champion"} & set(entry)
+    client = tracking.get_client(root)
+    gate_runs = client.search_runs([tracking.experiment_id(client, root)], filter_string="tags.stage = 'gate'",
+                                   order_by=["attributes.start_time ASC"])
+    assert [(r.data.tags["resnet18.version"], r.data.tags["resnet18.champion"]) for r in gate_runs
+            if "resnet18.version" in r.data.tags] == [("1", "1"), ("2", "2"), ("3", "2")]
 
     from virtual_biopsy.cli.main import main as vbiopsy
 

@@ -66,7 +66,13 @@ def test_serving_generator_is_registered_with_alias_challenger_and_tags(generato
     rep = report(generator_project)
     name = registry.generator_model_name("CC")
     version = registry.get_alias(name, registry.CHALLENGER, root=generator_project)
-    assert version is not None and version == rep["serving"]["version"]
+    # The version number lives in MLflow only (the stage run's tag), not in the DVC-tracked report.
+    assert not {"version", "registered_model", "alias"} & set(rep["serving"])
+    client = tracking.get_client(generator_project)
+    stage_runs = client.search_runs([tracking.experiment_id(client, generator_project)],
+                                    filter_string="tags.stage = 'train_generator' and tags.registered_model = "
+                                                  f"'{name}'")
+    assert version is not None and [r.data.tags["registered_version"] for r in stage_runs] == [version]
     tags = registry.get_version_tags(name, version, root=generator_project)
     assert tags["view"] == "CC" and tags["policy"] == "best_fold"
     assert tags["fold"] == str(rep["serving"]["fold"])

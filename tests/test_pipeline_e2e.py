@@ -51,5 +51,12 @@ def test_gate_registered_the_fused_pipeline_and_recorded_its_decision(first_run)
     decision = json.loads((first_run / "reports" / "gate.json").read_text())["resnet18"]
     assert decision["decision"] in ("promoted", "rejected") and decision["checks"], decision
     assert all({"name", "value", "threshold", "verdict"} <= set(check) for check in decision["checks"])
+    from virtual_biopsy.mlops import tracking
+
     version = registry.get_alias("virtual-biopsy-resnet18", registry.CHALLENGER, root=first_run)
-    assert version is not None and str(version) == str(decision["version"])
+    # The version number is the gate run's tag; the DVC-tracked report holds none.
+    assert "version" not in decision
+    client = tracking.get_client(first_run)
+    gate_runs = client.search_runs([tracking.experiment_id(client, first_run)], filter_string="tags.stage = 'gate'")
+    assert version is not None
+    assert [r.data.tags["resnet18.version"] for r in gate_runs if "resnet18.version" in r.data.tags] == [str(version)]

@@ -149,23 +149,25 @@ def check_against_champion(metrics: Mapping[str, Mapping[str, Any]], data_versio
     """Candidate AUC per served setting vs the champion's, when both saw the same data version.
 
     ``champion``: None when there is none, else ``{"version", "data_version", "auc": {setting: value}}``.
+    The checks name the champion's data version and AUCs, not its registry version number (a
+    count of the store that reports/gate.json must not carry; the gate run's tags hold it).
     """
     if champion is None:
         return [Check("champion", None, None, True, "no champion yet: nothing to compare with")]
     if champion.get("data_version") != data_version:
-        return [Check("champion", champion.get("version"), None, True,
-                      f"champion v{champion.get('version')} was evaluated on data version "
+        return [Check("champion", champion.get("data_version"), None, True,
+                      "the champion was evaluated on data version "
                       f"{champion.get('data_version')}, the candidate on {data_version}: not comparable, skipped")]
     checks = []
     for setting in COMPARED_SETTINGS:
         reference = _number((champion.get("auc") or {}).get(setting))
         if reference is None:
             checks.append(Check(f"champion.{setting}.auc", None, None, True,
-                                f"champion v{champion.get('version')} has no {setting} auc: skipped"))
+                                f"the champion has no {setting} auc: skipped"))
             continue
         checks.append(at_least(f"champion.{setting}.auc", (metrics.get(setting) or {}).get("auc"),
                                reference - tolerance,
-                               f"{setting} test auc (champion v{champion.get('version')} {reference:.4g} "
+                               f"{setting} test auc (champion {reference:.4g} "
                                f"- tolerance {tolerance:g})"))
     return checks
 

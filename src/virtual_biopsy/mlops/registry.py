@@ -320,6 +320,9 @@ def register_generator(run: tracking.StageRun, view: str, generator: Any, image_
     """Register the serving generator as ``cesm-generator-<view>`` with alias challenger.
 
     ``serving`` says how it was chosen (policy, fold, test metrics); those go on the version's tags.
+    The new version number is the store's count, not a result of the run: it is returned and set
+    as the stage run's ``registered_model`` / ``registered_version`` tags, and belongs in no
+    DVC-tracked file (a fresh store would number the same model 1, so dvc.lock would differ).
     """
     name = generator_model_name(view)
     example = np.random.default_rng(0).random((SIGNATURE_BATCH, 1, image_size, image_size), dtype=np.float32)
@@ -335,4 +338,5 @@ def register_generator(run: tracking.StageRun, view: str, generator: Any, image_
             description=f"CycleGAN FFDM->CESM generator, {view} view; serving policy {serving['policy']}",
         )
     set_alias(name, CHALLENGER, version, root=run.root)
+    run.set_tags({"registered_model": name, "registered_version": version})
     return {"registered_model": name, "version": version, "alias": CHALLENGER}

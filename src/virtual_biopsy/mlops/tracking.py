@@ -200,16 +200,44 @@ def experiment_id(client, root: str | Path = ".", name: str | None = None) -> st
 # ---------------------------------------------------------------------------------------------
 # What a run is about: code, data and params versions
 # ---------------------------------------------------------------------------------------------
+def pipeline_output_pathspecs(root: str | Path = ".") -> list[str]:
+    """Git pathspecs excluding what ``dvc repro`` writes: every out, metric and plot of dvc.yaml's stages.
+
+    Committed metrics files (reports/*.json) are such outputs: DVC deletes them before their stage
+    runs and the stage rewrites them, so without this every stage of a ``dvc repro`` would see
+    the tree "dirty". ``${...}`` of a foreach/matrix stage matches any one path component.
+    """
+    try:
+        pipeline = yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    specs = []
+    for stage in (pipeline.get("stages") or {}).values():
+        body = (stage.get("do") or stage) if isinstance(stage, dict) else {}
+        for kind in ("outs", "metrics", "plots"):
+            for entry in body.get(kind) or []:
+                path = next(iter(entry)) if isinstance(entry, dict) else entry
+                pattern = re.sub(r"\$\{[^}]*\}", "*", str(path)).strip("/")
+                specs += [f":(exclude,glob){pattern}", f":(exclude,glob){pattern}/**"]
+    return specs
+
+
 def git_commit(root: str | Path = ".") -> str:
-    """Current commit (``+dirty`` when the work tree differs), ``unknown`` outside git."""
+    """Current commit, ``unknown`` outside git; ``+dirty`` when tracked code or params differ from it.
+
+    What the pipeline itself rewrites does not count: dvc.lock, *.dvc, the .gitignore entries DVC
+    adds, and every stage output (:func:`pipeline_output_pathspecs`). So a ``dvc repro`` of a
+    clean checkout tags every run with the bare commit, also after a stage rewrote a committed
+    metrics file; an edited source file or params.yaml (tracked, not an output) makes it dirty.
+    """
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            # dvc.lock and *.dvc change as stages run; they are data/pipeline state, not code.
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock", ":!*.dvc"],
-            cwd=root, capture_output=True, text=True,
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock",
+             ":(exclude,glob)**/*.dvc", ":(exclude,glob)**/.gitignore", *pipeline_output_pathspecs(root)],
+            cwd=root, capture_output=True, text=True, check=True,
         ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

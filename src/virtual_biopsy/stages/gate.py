@@ -14,7 +14,13 @@ Per architecture in ``classifier.architectures``:
 3. log the pyfunc in a ``gate`` stage run, register it as a new version of
    ``virtual-biopsy-<arch>``, point ``challenger`` at it, record every check on the version's tags
    and the run, and move ``champion`` to it only when every check passed;
-4. write reports/gate.json.
+4. write reports/gate.json: per architecture the registered model's name, the serving fold, the
+   decision, its reasons and every check. Registry version numbers (the new version, the
+   champion, the previous champion) are the store's counts, not results of the run: they are
+   printed, set as the stage run's tags (``<arch>.version``, ...) and logged with the rest as
+   its ``gate/gate.json`` artifact, but kept out of the DVC-tracked file: it depends on the
+   evidence and on the champion's metrics (the one input DVC does not track), not on how many
+   versions the store holds.
 
 A rejected candidate is a normal outcome (exit 0, the reasons printed and recorded); exit 1 is
 for inputs that are missing or broken.
@@ -47,6 +53,8 @@ from virtual_biopsy.serving import fused_model
 from virtual_biopsy.stages.common import stage_inputs, stage_parser
 
 STAGE = "gate"
+# Keys of a gate entry that are registry version numbers: in MLflow and on the console, not in reports/gate.json.
+REGISTRY_KEYS = ("version", "champion", "previous_champion")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,14 +137,20 @@ def gate_architecture(paths: ProjectPaths, params: Params, arch: str, run) -> di
             **decision.to_json()}
 
 
+def tracked_report(report: dict[str, Any]) -> dict[str, Any]:
+    """What reports/gate.json holds: the report without registry version numbers (REGISTRY_KEYS)."""
+    return {arch: {k: v for k, v in entry.items() if k not in REGISTRY_KEYS} for arch, entry in report.items()}
+
+
 def run_gate(paths: ProjectPaths, params: Params) -> dict[str, Any]:
-    """Gate every configured architecture; write reports/gate.json; return it."""
+    """Gate every configured architecture; write reports/gate.json; return the full report (with versions)."""
     report = {}
     with tracking.stage_run(STAGE, root=paths.root, params=params) as run:
         for arch in params.classifier.architectures:
             report[arch] = gate_architecture(paths, params, arch, run)
-        write_json(paths.gate_report, report)
-        run.log_artifact(paths.gate_report, "gate")
+        write_json(paths.gate_report, tracked_report(report))
+        run.set_tags({f"{arch}.{key}": entry[key] for arch, entry in report.items() for key in REGISTRY_KEYS})
+        run.log_dict(report, "gate/gate.json")
     return report
 
 

@@ -228,7 +228,10 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
             generator = ResnetGenerator(channels=1, ngf=params.generator.ngf,
                                         n_residual_blocks=params.generator.n_residual_blocks)
             generator.load_state_dict(state)
-            serving.update(registry.register_generator(run, view, generator, size, serving))
+            # The version number is the store's, not the run's: it goes to MLflow (the stage run's
+            # registered_version tag) and the console, not into the DVC-tracked report.
+            registered = registry.register_generator(run, view, generator, size, serving)
+            print(f"{STAGE} {view}: {registered['registered_model']} v{registered['version']} @challenger")
         report = summarize_generator_folds(view, outcomes, serving)
         write_json(paths.generator_report(view), report)
         figure3(paths.figure3(view), view,
@@ -261,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     mean, serving = report["mean"], report["serving"]
     print(f"{STAGE} {args.view}: test SSIM {mean['ssim']:.3f} (LE as CESM {mean['baseline_ssim']:.3f}), "
           f"PSNR {mean['psnr']:.2f} dB (baseline {mean['baseline_psnr']:.2f}); serving: {serving['policy']} "
-          f"fold {serving['fold']}" + (f", {serving['registered_model']} v{serving['version']} @challenger"
-                                       if "version" in serving else ""))
+          f"fold {serving['fold']}")
     return 0
 
 
