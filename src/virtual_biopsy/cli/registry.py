@@ -32,11 +32,10 @@ def _context(args: argparse.Namespace):
 def status(args: argparse.Namespace) -> int:
     """Print every configured architecture's aliases with their gate verdicts."""
     from virtual_biopsy.mlops import registry
-    from virtual_biopsy.serving import fused_model
 
     paths, params, _ = _context(args)
     for arch in ([args.arch] if args.arch else params.classifier.architectures):
-        name = fused_model.registered_name(arch)
+        name = registry.pipeline_model_name(arch)
         aliases = registry.aliases(name, paths.root)
         print(f"{name}:" + ("" if aliases else " not registered yet (run the gate stage)"))
         shown: list[str] = []
@@ -77,14 +76,14 @@ def promote(args: argparse.Namespace) -> int:
     from virtual_biopsy.evaluation.gate_checks import decide, decision_tags
     from virtual_biopsy.mlops import registry, tracking
     from virtual_biopsy.mlops.registry import champion_record
-    from virtual_biopsy.serving import fused_model
 
     paths, params, arch = _context(args)
-    name = fused_model.registered_name(arch)
+    name = registry.pipeline_model_name(arch)
     if args.force and not args.reason:
         print("registry promote: --force needs --reason \"...\" (recorded on the version)", file=sys.stderr)
         return 2
-    tags = registry.get_version_tags(name, args.version, paths.root)
+    args.version = registry.version_number(name, args.version)  # "abc", "0": RegistryError naming the model
+    tags = registry.get_version_tags(name, args.version, paths.root)  # no such version: RegistryError
     if args.force:
         previous = registry.promote(name, args.version, paths.root, {
             gate_checks.gate_tag("promoted_by"): "manual", gate_checks.gate_tag("forced"): "true",
@@ -115,25 +114,21 @@ def promote(args: argparse.Namespace) -> int:
 def rollback(args: argparse.Namespace) -> int:
     """Move champion back to the champion it replaced."""
     from virtual_biopsy.mlops import registry
-    from virtual_biopsy.serving import fused_model
 
     paths, _, arch = _context(args)
-    name = fused_model.registered_name(arch)
-    try:
-        current, previous = registry.rollback(name, paths.root)
-    except ValueError as exc:
-        print(f"registry rollback: {exc}", file=sys.stderr)
-        return 1
+    name = registry.pipeline_model_name(arch)
+    current, previous = registry.rollback(name, paths.root)  # nothing to roll back: ValueError, one line
     print(f"{name}: @champion v{current} -> v{previous} (rolled back)")
     return 0
 
 
 def _run(handler):
+    """``handler`` with expected failures (bad params, unknown version, missing report) as one line."""
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except (ConfigError, ValueError, FileNotFoundError) as exc:
-            print(f"registry: {exc}", file=sys.stderr)
+        except (ConfigError, ValueError, FileNotFoundError) as exc:  # RegistryError is a ValueError
+            print(f"registry {args.action}: {exc}", file=sys.stderr)
             return 1
     return run
 

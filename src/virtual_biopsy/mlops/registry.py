@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,18 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 
 
+class RegistryError(ValueError):
+    """A version the user named does not exist or is not a version number; the message names both."""
+
+
 def generator_model_name(view: str) -> str:
     """Registered name of the CESM generator of one view: ``cesm-generator-cc`` / ``-mlo``."""
     return f"cesm-generator-{view.lower()}"
+
+
+def pipeline_model_name(arch: str) -> str:
+    """Registered name of the fused pipeline of one classifier architecture: ``virtual-biopsy-<arch>``."""
+    return f"virtual-biopsy-{arch}"
 
 
 def _mlflow():
@@ -202,9 +212,34 @@ def set_version_tags(name: str, version: str | int, tags: Mapping[str, Any], roo
             client.set_model_version_tag(name, str(version), str(key), str(value))
 
 
+def version_number(name: str, version: str | int) -> str:
+    """``version`` as the registry spells it (``"3"``); RegistryError naming the model when malformed."""
+    text = str(version).strip()
+    if not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
+        raise RegistryError(f"{name}: {str(version)!r} is not a model version (versions are numbered 1, 2, 3, ...)")
+    return str(int(text))
+
+
+def versions(name: str, root: str | Path = ".") -> list[str]:
+    """Version numbers of a registered model, ascending ([] when the model does not exist)."""
+    found = _client(root).search_model_versions(f"name = '{name}'")
+    return sorted((str(v.version) for v in found), key=int)
+
+
 def get_version_tags(name: str, version: str | int, root: str | Path = ".") -> dict[str, str]:
-    """Tags of one model version."""
-    return dict(_client(root).get_model_version(name, str(version)).tags)
+    """Tags of one model version; RegistryError naming the model and version when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    number = version_number(name, version)
+    try:
+        return dict(_client(root).get_model_version(name, number).tags)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    existing = versions(name, root)
+    known = (f"registered versions: {', '.join('v' + v for v in existing)}" if existing
+             else "the model has no versions yet (run the gate stage)")
+    raise RegistryError(f"{name} v{number}: no such version; {known}")
 
 
 def model_uri(name: str, alias: str | None = None, version: str | int | None = None) -> str:

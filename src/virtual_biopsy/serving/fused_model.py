@@ -26,8 +26,11 @@ Inputs
     float32 (S, S) in [0, 1], S = ``image_size``. Over REST (the pyfunc), each image is a
     **base64 string of the raw little-endian float32 bytes** of the (S, S) array
     (:func:`encode_image`): 4 S^2 bytes, a third of the size of a JSON nested list and parsed
-    without a float-by-float JSON decode. ``cesm_cc`` / ``cesm_mlo`` may be null or empty
-    (missing: imputed).
+    without a float-by-float JSON decode. A request has exactly the four INPUT_COLUMNS: an
+    unknown column (a typo such as ``cesm_MLO``) or a missing one is refused, never dropped or
+    imputed silently; a null or empty value in ``cesm_cc`` / ``cesm_mlo`` means "not acquired:
+    impute it". Served, every refusal is HTTP 400 whose ``message`` is the sentence naming the
+    row, column and reason (:mod:`virtual_biopsy.mlops.scoring`), with no stack trace.
 
 Bundle (what the pyfunc ships, :func:`save_bundle` / :func:`load_bundle`)
     one ``pipeline.pt`` of plain tensors and numbers (``torch.load(weights_only=True)``: no pickled
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,7 +76,9 @@ class PipelineInputError(ValueError):
 
 def registered_name(arch: str) -> str:
     """Registered model name of the fused pipeline of one architecture: ``virtual-biopsy-<arch>``."""
-    return f"virtual-biopsy-{arch}"
+    from virtual_biopsy.mlops.registry import pipeline_model_name
+
+    return pipeline_model_name(arch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,11 +295,34 @@ def decode_image(value: Any, size: int, where: str) -> np.ndarray | None:
     return np.frombuffer(raw, dtype="<f4").reshape(size, size).astype(np.float32)
 
 
-def breasts_from_frame(frame: Any, size: int) -> list[BreastImages]:
-    """One :class:`BreastImages` per DataFrame row (columns INPUT_COLUMNS; CESM ones optional)."""
-    missing = [c for c in ("ffdm_cc", "ffdm_mlo") if c not in frame.columns]
+def check_columns(columns: Sequence[Any]) -> None:
+    """A request's columns are exactly INPUT_COLUMNS, in any order; PipelineInputError otherwise.
+
+    A mistyped column would otherwise be ignored and its image replaced by an imputed one, and
+    a missing CESM column would be imputed without a word; a null *value* is how a caller asks
+    for imputation.
+    """
+    names = [str(c) for c in columns]
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:
+        raise PipelineInputError(f"column(s) {twice} given more than once; expected each of {list(INPUT_COLUMNS)} once")
+    unknown = [c for c in names if c not in INPUT_COLUMNS]
+    if unknown:
+        described = []
+        for column in unknown:
+            guess = difflib.get_close_matches(column.lower(), INPUT_COLUMNS, n=1, cutoff=0.6)
+            described.append(f"{column!r}" + (f" (did you mean {guess[0]!r}?)" if guess else ""))
+        raise PipelineInputError(f"unknown column(s) {', '.join(described)}; the pipeline takes exactly "
+                                 f"{list(INPUT_COLUMNS)} (null in a CESM column: imputed)")
+    missing = [c for c in INPUT_COLUMNS if c not in names]
     if missing:
-        raise PipelineInputError(f"input lacks column(s) {missing}; expected {list(INPUT_COLUMNS)}")
+        raise PipelineInputError(f"input lacks column(s) {missing}; send all of {list(INPUT_COLUMNS)}, "
+                                 f"with null for a CESM view that was not acquired (it is then imputed)")
+
+
+def breasts_from_frame(frame: Any, size: int) -> list[BreastImages]:
+    """One :class:`BreastImages` per DataFrame row (columns exactly INPUT_COLUMNS, see :func:`check_columns`)."""
+    check_columns(list(frame.columns))
     breasts = []
     for i, (_, row) in enumerate(frame.iterrows()):
         cells = {c: decode_image(row.get(c), size, f"row {i} {c}") for c in INPUT_COLUMNS}
@@ -311,36 +340,52 @@ except ImportError:  # pragma: no cover - exercised only where mlflow is absent
     _PythonModel = object
 
 
+# No type hints on predict, on purpose: they would switch on MLflow's own input coercion, and the
+# pyfunc checks its columns itself (MLflow says so in a UserWarning when the class is defined).
 class FusedPipelineModel(_PythonModel):
     """MLflow pyfunc around :class:`FusedPipeline`: DataFrame of breasts in, OUTPUT_COLUMNS out.
 
     Holds no state when pickled; :meth:`load_context` rebuilds the networks from the bundle
     artifact, so the logged model contains tensors as data and this class by reference.
+
+    Bad input (an unknown or missing column, an image that is not base64 float32 of the
+    pipeline's size, pixels outside [0, 1]) raises :func:`virtual_biopsy.mlops.scoring.bad_request`:
+    ``mlflow models serve`` answers it with HTTP 400 whose ``message`` is the sentence of the
+    :class:`PipelineInputError`, and no stack trace.
     """
 
     def load_context(self, context) -> None:
         self.pipeline = load_bundle(context.artifacts[BUNDLE_ARTIFACT])
 
-    # No type hints on purpose: MLflow would switch on its own input coercion (and warns that it
-    # could); the explicit signature (pyfunc_signature) documents and enforces the input columns.
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        predictions = predict_breasts(self.pipeline, breasts_from_frame(frame, self.pipeline.image_size))
+        try:
+            predictions = predict_breasts(self.pipeline, breasts_from_frame(frame, self.pipeline.image_size))
+        except PipelineInputError as exc:
+            from virtual_biopsy.mlops.scoring import bad_request
+
+            raise bad_request(str(exc)) from exc
         return pd.DataFrame([p.as_row() for p in predictions], columns=list(OUTPUT_COLUMNS))
 
 
 def pyfunc_signature():
-    """Input: four string columns (the CESM ones optional); output: OUTPUT_COLUMNS."""
+    """Output: OUTPUT_COLUMNS. No input schema, on purpose: the pyfunc checks its own columns.
+
+    With a column input schema MLflow's enforcement (mlflow.models.utils._enforce_schema) drops
+    unknown columns with a log line only, so a mistyped ``cesm_MLO`` would reach the model as a
+    missing CESM view and be imputed; and it answers a missing column with its own message that
+    quotes the request. :func:`check_columns` refuses both naming the column; the logged input
+    example documents the four columns.
+    """
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    inputs = Schema([ColSpec("string", c, required=c.startswith("ffdm")) for c in INPUT_COLUMNS])
     outputs = Schema([ColSpec("double", "p_ffdm"), ColSpec("double", "p_cesm"), ColSpec("double", "p"),
                       ColSpec("string", "class"), ColSpec("boolean", "cesm_cc_synthetic"),
                       ColSpec("boolean", "cesm_mlo_synthetic")])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    return ModelSignature(inputs=None, outputs=outputs)
 
 
 def input_example(image_size: int, seed: int = 0):
