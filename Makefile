@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: help demo test install system-deps retrain ui bench screenshots clean
+.PHONY: help demo test install system-deps retrain ui plots bench screenshots clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)  ## virtual environment with the pinned requirements
+install: $(STAMP)  ## virtual environment with the pinned requirements, offline page template for dvc plots
+	@$(PY) scripts/dvc_plots_template.py
 
 system-deps:  ## Debian packages the tests need (PostgreSQL server binaries)
 	@bash scripts/install_system_deps.sh
@@ -34,6 +35,9 @@ retrain: install  ## what CI's retraining workflow does: pull, repro, gate, push
 
 ui: install  ## open the MLflow UI on the embedded store
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000
+
+plots: install  ## dvc plots show: ROC per setting, Figures 3-5 in dvc_plots/index.html (works offline)
+	$(BIN)/dvc plots show
 
 bench: install  ## speed and memory benchmarks (bench/)
 	for b in preprocess generator classifier predict gpu_profile; do $(PY) bench/$$b.py || exit 1; done
