@@ -70,9 +70,10 @@ def test_synthetic_dicom_round_trips_marked_synthetic_and_references_its_source(
     files = sorted(out.rglob("*.dcm"))
     assert len(files) == len(index)
     row = index.iloc[0]
-    source = pydicom.dcmread(paths.raw / row["source_path"])
-    ds = pydicom.dcmread(out / pd.io.common.stringify_path(row["source_path"]).replace(
-        ".dcm", "_SYNTHETIC_RECOMBINED.dcm"))
+    # data/imputed names no raw file; the private sources table links the LE source to its file.
+    source_path = pd.read_csv(paths.sources, dtype=str).set_index("image_id").at[row["source_image_id"], "source_path"]
+    source = pydicom.dcmread(paths.raw / source_path)
+    ds = pydicom.dcmread(out / source_path.replace(".dcm", "_SYNTHETIC_RECOMBINED.dcm"))
     assert is_synthetic(ds) and energy_of(ds) == "DES" and is_simulated(ds)
     assert ds.SeriesDescription.startswith("SYNTHETIC CESM")
     assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
@@ -95,3 +96,14 @@ def test_rerun_replaces_imputed_as_one_set_with_the_same_bytes(imputed, tmp_path
     (copy.imputed_dir / "stale.npy").write_bytes(b"of an older run")
     assert impute.main(["--root", str(copy.root), "--no-mlflow"]) == 0
     assert {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(copy.imputed_dir.iterdir())} == digests
+
+
+def test_dicom_export_refuses_a_source_file_that_no_longer_holds_the_imputed_images_source(imputed, tmp_path, capsys):
+    paths, index, _ = imputed
+    copy = ProjectPaths(Path(shutil.copytree(paths.root, tmp_path / "project", ignore=shutil.ignore_patterns("mlruns"))))
+    source = pd.read_csv(copy.sources, dtype=str).set_index("image_id").at[index.iloc[0]["source_image_id"], "source_path"]
+    ds = pydicom.dcmread(copy.raw / source)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()  # another image under the same path
+    ds.save_as(copy.raw / source)
+    assert cli.main(["impute", "--root", str(copy.root), "--dicom-out", str(tmp_path / "dicom"), "--no-mlflow"]) == 1
+    assert "not the imputed image's LE source" in capsys.readouterr().err

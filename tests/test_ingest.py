@@ -15,7 +15,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from virtual_biopsy.core.config import IngestConfig
 from virtual_biopsy.core.paths import ProjectPaths
-from virtual_biopsy.data.ingest import ingest_raw, pseudonymize, rejected_reasons
+from virtual_biopsy.data.ingest import file_key, ingest_raw, pseudonymize, rejected_reasons
 from virtual_biopsy.data.layout import MANIFEST_COLUMNS
 from virtual_biopsy.dicom.read import (
     DicomReadError,
@@ -167,9 +167,9 @@ def test_view_comes_from_view_code_sequence_when_view_position_is_absent(raw):
     ds = pydicom.dcmread(mlo)
     del ds.ViewPosition
     ds.save_as(mlo)
-    manifest = ingest_raw(raw, _cfg()).manifest
-    relative = mlo.relative_to(raw).as_posix()
-    assert manifest.set_index("source_path").loc[relative, "view"] == "MLO"
+    result = ingest_raw(raw, _cfg())
+    image = result.sources.set_index("source_path").loc[mlo.relative_to(raw).as_posix(), "image_id"]
+    assert result.manifest.set_index("image_id").loc[image, "view"] == "MLO"
 
 
 def _inject_defects(raw: Path) -> dict[str, str]:
@@ -203,7 +203,8 @@ def _inject_defects(raw: Path) -> dict[str, str]:
         rel(extra / "ct.dcm"): "not a mammogram: Modality is 'CT'",
         rel(extra / "no_laterality.dcm"): "no laterality",
         rel(extra / "no_view.dcm"): "no view",
-        rel(extra / "duplicate.dcm"): f"duplicate SOPInstanceUID: same image as {rel(le[1])}",
+        rel(extra / "duplicate.dcm"): "duplicate SOPInstanceUID: same image as file "
+                                      + file_key(rel(le[1]), IngestConfig().pseudonym_salt),
         rel(lonely_le): "LE image without its DES partner",
     }
 
@@ -224,7 +225,8 @@ def test_every_bad_file_is_rejected_with_its_reason_and_good_files_still_ingest(
     for file, reason in expected.items():
         assert reason in reasons[file], f"{file}: {reasons[file]!r}"
         assert "\n" not in reasons[file]
-    accepted = set(result.manifest["source_path"])
+    accepted = set(result.sources.loc[result.sources["image_id"] != "", "source_path"])
+    assert len(accepted) == len(result.manifest)
     deleted_or_lonely = {f for f in good_before if not (raw / f).exists()} | set(expected)
     assert accepted == good_before - deleted_or_lonely
     assert compressed.relative_to(raw).as_posix() in accepted
@@ -253,7 +255,8 @@ def test_stage_fails_in_one_line_when_too_many_files_are_rejected(raw, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("ingest: ") and "max_rejected_share" in err and "\n" not in err
     report = pd.read_csv(paths.rejected)  # the reasons are written even though the stage failed
-    assert len(report) == 9 and list(report.columns) == ["file", "reason"]
+    assert len(report) == 9 and list(report.columns) == ["file_key", "reason"]
+    assert report["file_key"].str.startswith("anon-").all()  # a path would name the patient
     assert not paths.manifest.exists()
 
 
@@ -286,3 +289,19 @@ def test_process_pool_gives_the_same_manifest_as_one_process(raw):
     one = ingest_raw(raw, _cfg(workers=1)).manifest
     two = ingest_raw(raw, _cfg(workers=2)).manifest
     pd.testing.assert_frame_equal(one, two)
+
+
+def test_manifest_keys_images_by_pseudonym_and_only_the_private_sources_name_the_files(raw):
+    paths = _project(raw)
+    assert ingest_stage.main(["--root", str(paths.root), "--no-mlflow"]) == 0
+    manifest = pd.read_csv(paths.manifest, dtype=str)
+    sources = pd.read_csv(paths.sources, dtype=str, keep_default_na=False)
+    assert "source_path" not in manifest and manifest["image_id"].str.startswith("anon-").all()
+    salt = IngestConfig().pseudonym_salt
+    for _, row in sources[sources["image_id"] != ""].head(3).iterrows():  # the private link back
+        ds = pydicom.dcmread(raw / row["source_path"], stop_before_pixels=True)
+        assert row["sop_instance_uid"] == ds.SOPInstanceUID
+        assert row["image_id"] == pseudonymize(ds.SOPInstanceUID, salt) in set(manifest["image_id"])
+        assert row["file_key"] == file_key(row["source_path"], salt)
+    published = paths.manifest.read_text() + paths.rejected.read_text() + ingest_stage.summary_path(paths).read_text()
+    assert "images/" not in published and not any(uid in published for uid in sources["sop_instance_uid"])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 
 from virtual_biopsy.core.paths import ProjectPaths
@@ -119,7 +120,8 @@ def test_stage_rows_match_preprocessing_each_file_alone(processed):
     images = np.load(processed.processed_images, mmap_mode="r")
     index = pd.read_csv(processed.processed_index)
     for row in (0, len(index) - 1):
-        alone = preprocess_file(processed.raw / index.at[row, "source_path"], index.at[row, "laterality"], SIZE)
+        source = pd.read_csv(processed.sources, dtype=str).set_index("image_id").loc[index.at[row, "image_id"]]
+        alone = preprocess_file(processed.raw / source["source_path"], index.at[row, "laterality"], SIZE)
         np.testing.assert_array_equal(images[row], alone)
 
 
@@ -153,3 +155,24 @@ def test_processed_folder_is_replaced_as_one_set(processed, tmp_path, monkeypatc
     assert preprocess_stage.main(["--root", str(root), "--no-mlflow"]) == 0
     assert _digests(paths.processed_dir) == before
     assert sorted(p.name for p in paths.processed_dir.parent.iterdir()) == ["interim", "processed", "raw"]
+
+
+def test_missing_private_sources_table_is_rebuilt_from_the_raw_data(processed, tmp_path):
+    """A clone that pulled the outputs (`dvc pull`) has no sources table: it is never pushed."""
+    root = Path(shutil.copytree(processed.root, tmp_path / "project"))
+    paths = ProjectPaths(root)
+    before, sources = _digests(paths.processed_dir), paths.sources.read_bytes()
+    paths.sources.unlink()
+    assert preprocess_stage.main(["--root", str(root), "--no-mlflow"]) == 0
+    assert paths.sources.read_bytes() == sources and _digests(paths.processed_dir) == before
+
+
+def test_raw_file_that_no_longer_holds_its_image_is_refused(processed, tmp_path, capsys):
+    root = Path(shutil.copytree(processed.root, tmp_path / "project"))
+    paths = ProjectPaths(root)
+    first = pd.read_csv(paths.sources, dtype=str, keep_default_na=False).iloc[0]
+    ds = pydicom.dcmread(paths.raw / first["source_path"])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()  # another image under the same path
+    ds.save_as(paths.raw / first["source_path"])
+    assert preprocess_stage.main(["--root", str(root), "--no-mlflow"]) == 1
+    assert "rerun the ingest stage" in capsys.readouterr().err

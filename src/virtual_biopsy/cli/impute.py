@@ -22,6 +22,8 @@ COMMAND = "impute"
 def run_impute_command(args: argparse.Namespace) -> int:
     # Imported here: `vbiopsy --help` builds every sub-command's parser, and these import torch.
     from virtual_biopsy.data.imputation import ImputeError
+    from virtual_biopsy.data.ingest import IngestError
+    from virtual_biopsy.data.sources import SourcesError, source_files
     from virtual_biopsy.dicom.synthetic import (
         SyntheticDicomError,
         write_synthetic_dicoms,
@@ -45,10 +47,12 @@ def run_impute_command(args: argparse.Namespace) -> int:
                 run.log_metrics({"images": len(index)})
             print(f"{COMMAND}: {len(index)} synthetic CESM images -> {paths.imputed_images}")
         if args.dicom_out:
-            written = write_synthetic_dicoms(paths, paths.root / params.ingest.raw_dir, Path(args.dicom_out))
+            # data/imputed names no raw file: the private sources table links each LE source to its file.
+            sources = source_files(paths, params.ingest, pd.read_csv(paths.imputed_index, dtype=str)["source_image_id"])
+            written = write_synthetic_dicoms(paths, paths.root / params.ingest.raw_dir, Path(args.dicom_out), sources)
             print(f"{COMMAND}: {len(written)} synthetic CESM DICOM files under {args.dicom_out}")
-    except (ConfigError, ImputeError, SyntheticDicomError, FileNotFoundError, ValueError, RuntimeError,
-            pd.errors.ParserError) as exc:
+    except (ConfigError, ImputeError, SyntheticDicomError, SourcesError, IngestError, FileNotFoundError, ValueError,
+            RuntimeError, pd.errors.ParserError) as exc:
         print(f"{COMMAND}: {exc}", file=sys.stderr)
         return 1
     return 0

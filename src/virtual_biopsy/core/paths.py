@@ -34,6 +34,14 @@ class ProjectPaths:
         return self.root / "data" / "interim" / "manifest.csv"
 
     @property
+    def sources(self) -> Path:
+        """PRIVATE: pseudonymous keys -> raw files and original UIDs (data.layout.SOURCES_COLUMNS).
+
+        Beside the manifest but not a DVC output (so `dvc push` never sends it) and git-ignored;
+        only ingest, preprocess and `vbiopsy impute --dicom-out` read it (data.sources)."""
+        return self.root / "data" / "interim" / "sources.csv"
+
+    @property
     def rejected(self) -> Path:
         return self.root / "reports" / "ingest" / "rejected.csv"
 

@@ -47,7 +47,8 @@ def plan_imputation(index: pd.DataFrame, folds: pd.DataFrame, views: tuple[str, 
 
 
 def synthetic_image_id(source_image_id: str, view: str, fold: int) -> str:
-    """New, deterministic SOPInstanceUID of the synthetic image made from ``source_image_id``."""
+    """New, deterministic SOPInstanceUID of the synthetic image made from ``source_image_id``
+    (a hash of the pseudonymous id: it reveals nothing of the source's original UID)."""
     return deterministic_uid("virtual-biopsy", "synthetic-cesm", source_image_id, view, fold)
 
 

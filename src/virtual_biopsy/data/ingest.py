@@ -7,8 +7,13 @@ result, ACR density, phase, age), de-duplicated by SOPInstanceUID and, when pair
 matched LE with DES on the pair key. Every file that does not make it into the manifest is listed
 in the rejected report with one plain reason; nothing is dropped silently.
 
-Privacy: patient and study are keyed by :func:`pseudonymize`; the original patient id, name,
-birth date, accession number and institution never leave :func:`inspect_file`.
+Privacy: patient, study and image are keyed by :func:`pseudonymize` (the image by its
+SOPInstanceUID, which DICOM PS3.15's confidentiality profile replaces); the original patient id,
+name, birth date, accession number and institution never leave :func:`inspect_file`. The raw
+layout names folders and files after the site's patient id, so no output names a raw file either:
+the rejected report keys each file by a pseudonym of its path, and the only link from the keys
+back to the files and their original UIDs is the private sources table (``data/interim/sources.csv``,
+data.layout.SOURCES_COLUMNS), which is not a DVC output and never goes to MLflow.
 """
 from __future__ import annotations
 
@@ -28,11 +33,18 @@ from virtual_biopsy.core.atomic import write_csv, write_json
 from virtual_biopsy.core.config import ACR_CATEGORIES, LABELS, PHASES, IngestConfig
 from virtual_biopsy.dicom.cesm import UnknownEnergyError, energy_of, is_simulated, is_synthetic
 from virtual_biopsy.dicom.read import DicomReadError, check_pixel_data, display_window, read_dataset
-from virtual_biopsy.data.layout import ENERGY_TO_MODALITY, MANIFEST_COLUMNS, METADATA_COLUMNS, pair_key
+from virtual_biopsy.data.layout import (
+    ENERGY_TO_MODALITY,
+    MANIFEST_COLUMNS,
+    METADATA_COLUMNS,
+    SOURCES_COLUMNS,
+    pair_key,
+)
 from virtual_biopsy.core.parallel import map_in_processes
 from virtual_biopsy.core.paths import ProjectPaths
 
-REJECTED_COLUMNS = ("file", "reason")
+REJECTED_COLUMNS = ("file_key", "reason")  # file_key: pseudonym of the path (sources.csv maps it back)
+PRIVATE_COLUMNS = ("source_path", "sop_instance_uid")  # of a manifest row: to the sources table, not the manifest
 
 # View Code Sequence codes (SNOMED CT, PS3.16 CID 4014) of the two views the method uses.
 _VIEW_CODES = {"399162004": "CC", "399368009": "MLO"}
@@ -53,10 +65,15 @@ class Rejection(Exception):
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """What ingest keeps of one readable mammogram: no identifying header value."""
+    """What ingest keeps of one readable mammogram: no identifying header value.
+
+    ``source_path`` and ``source_uid`` name the raw file and its original SOPInstanceUID; they go
+    to the private sources table only, never to the manifest.
+    """
 
     source_path: str
-    image_id: str
+    source_uid: str
+    image_id: str           # pseudonymous SOPInstanceUID
     patient_id: str | None  # pseudonymous; None when the DICOM has no PatientID
     study_key: str | None   # pseudonymous StudyInstanceUID; None when absent
     laterality: str
@@ -80,11 +97,13 @@ class RejectedFile:
 
 @dataclass(frozen=True)
 class IngestResult:
-    """Manifest (MANIFEST_COLUMNS), rejected report (file, reason) and summary counts."""
+    """Manifest (MANIFEST_COLUMNS), rejected report (REJECTED_COLUMNS), summary counts, and the
+    private sources table (SOURCES_COLUMNS: keys -> raw files; written apart, see data.sources)."""
 
     manifest: pd.DataFrame
     rejected: pd.DataFrame
     summary: dict
+    sources: pd.DataFrame
 
 
 def pseudonymize(original_id: str, salt: str) -> str:
@@ -159,17 +178,20 @@ def inspect_file(path: Path, raw_dir: Path, salt: str) -> ImageRecord | Rejected
             center, width = display_window(ds)
         except DicomReadError as exc:
             raise Rejection("pixel_data", str(exc)) from None
-        image_id = str(ds.get("SOPInstanceUID", "") or "").strip()
-        if not image_id:
+        uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+        if not uid:
             raise Rejection("no_uid", "no SOPInstanceUID")
     except Rejection as rejection:
-        # Decoder plugins report over several lines; the report keeps one line per file.
-        return RejectedFile(relative, rejection.kind, " ".join(rejection.reason.split()))
+        # Decoder plugins report over several lines; the report keeps one line per file. A reader
+        # error may quote the file's path, which names the patient: the report must not.
+        reason = " ".join(rejection.reason.replace(str(path), "the file").replace(relative, "the file").split())
+        return RejectedFile(relative, rejection.kind, reason)
     patient = str(ds.get("PatientID", "") or "").strip()
     study = str(ds.get("StudyInstanceUID", "") or "").strip()
     return ImageRecord(
         source_path=relative,
-        image_id=image_id,
+        source_uid=uid,
+        image_id=pseudonymize(uid, salt),
         patient_id=pseudonymize(patient, salt) if patient else None,
         study_key=pseudonymize(study, salt) if study else None,
         laterality=laterality,
@@ -236,6 +258,7 @@ def join_metadata(record: ImageRecord, row: Mapping[str, str] | None, salt: str)
     study = record.study_key or pseudonymize(f"{original_patient}|{row['study_id'].strip()}", salt)
     values = dict(vars(record))  # the record's fields (all scalars: no need for asdict's deep copy)
     values.update(
+        sop_instance_uid=record.source_uid,
         patient_id=patient,
         study_id=study,
         phase=phase,
@@ -244,19 +267,26 @@ def join_metadata(record: ImageRecord, row: Mapping[str, str] | None, salt: str)
         age=_age(row["age"], record.dicom_age),
         pair_key=pair_key(patient, study, record.laterality, record.view, phase),
     )
-    return {column: values[column] for column in MANIFEST_COLUMNS}
+    # The manifest's columns, then the two private ones (they go to the sources table only).
+    return {column: values[column] for column in (*MANIFEST_COLUMNS, *PRIVATE_COLUMNS)}
 
 
-def drop_duplicates(records: list[ImageRecord]) -> tuple[list[ImageRecord], list[RejectedFile]]:
-    """Keep the first file (by path) of each SOPInstanceUID; reject the others, naming the kept one."""
+def file_key(relative_path: str, salt: str) -> str:
+    """Pseudonymous key of a raw file (its path names the patient): the rejected report's ``file_key``."""
+    return pseudonymize(relative_path, salt)
+
+
+def drop_duplicates(records: list[ImageRecord], salt: str) -> tuple[list[ImageRecord], list[RejectedFile]]:
+    """Keep the first file (by path) of each SOPInstanceUID; reject the others, naming the kept one's key."""
     first_path: dict[str, str] = {}
     kept, rejected = [], []
     for record in sorted(records, key=lambda r: r.source_path):
-        other = first_path.setdefault(record.image_id, record.source_path)
+        other = first_path.setdefault(record.source_uid, record.source_path)
         if other == record.source_path:
             kept.append(record)
         else:
-            rejected.append(RejectedFile(record.source_path, "duplicate", f"duplicate SOPInstanceUID: same image as {other}"))
+            rejected.append(RejectedFile(record.source_path, "duplicate",
+                                         f"duplicate SOPInstanceUID: same image as file {file_key(other, salt)}"))
     return kept, rejected
 
 
@@ -338,7 +368,7 @@ def ingest_raw(raw_dir: Path, cfg: IngestConfig) -> IngestResult:
         else:
             records.append(outcome)
             seen.add(outcome.source_path)
-    records, duplicates = drop_duplicates(records)
+    records, duplicates = drop_duplicates(records, cfg.pseudonym_salt)
     rejected += duplicates
     rows: list[dict] = []
     metadata_rows = metadata.to_dict("index")  # {file: {column: value}}; far cheaper than .loc per file
@@ -348,12 +378,29 @@ def ingest_raw(raw_dir: Path, cfg: IngestConfig) -> IngestResult:
     if cfg.require_pairs:
         rows, unpaired = pair_images(rows)
         rejected += unpaired
-    manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).sort_values("source_path", ignore_index=True)
+    table = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, *PRIVATE_COLUMNS]).sort_values("source_path",
+                                                                                           ignore_index=True)
+    collided = table["image_id"][table["image_id"].duplicated()]
+    if len(collided):  # two different UIDs, one 48-bit pseudonym: never silently merge two images
+        raise IngestError(f"{len(collided)} image pseudonym(s) shared by different SOPInstanceUIDs; "
+                          "set another ingest.pseudonym_salt")
+    manifest = table[list(MANIFEST_COLUMNS)].copy()
     manifest["age"] = manifest["age"].astype("Int64")
     rejected.sort(key=lambda r: r.file)
-    report = pd.DataFrame([(r.file, r.reason) for r in rejected], columns=list(REJECTED_COLUMNS))
+    salt = cfg.pseudonym_salt
+    report = pd.DataFrame([(file_key(r.file, salt), r.reason) for r in rejected], columns=list(REJECTED_COLUMNS))
     unused = int((~metadata.index.isin(list(seen))).sum())
-    return IngestResult(manifest, report, _summary(len(files), manifest, rejected, unused))
+    return IngestResult(manifest, report, _summary(len(files), manifest, rejected, unused),
+                        sources_table(sorted(seen), table, salt))
+
+
+def sources_table(files: list[str], accepted: pd.DataFrame, salt: str) -> pd.DataFrame:
+    """The private sources table: every raw file (``files``, relative paths) with its key, and the
+    manifest id and original SOPInstanceUID of those in the manifest (``accepted``)."""
+    ids = accepted.set_index("source_path")[["image_id", "sop_instance_uid"]]
+    table = pd.DataFrame({"file_key": [file_key(f, salt) for f in files], "source_path": files})
+    table = table.join(ids, on="source_path").fillna({"image_id": "", "sop_instance_uid": ""})
+    return table[list(SOURCES_COLUMNS)]
 
 
 def check_rejected_share(result: IngestResult, cfg: IngestConfig, report_path: Path | str) -> None:
@@ -368,16 +415,21 @@ def check_rejected_share(result: IngestResult, cfg: IngestConfig, report_path: P
 
 
 def rejected_reasons(result: IngestResult) -> dict[str, str]:
-    """``{file: reason}`` of the rejected report (convenient for tests and messages)."""
-    return dict(zip(result.rejected["file"], result.rejected["reason"]))
+    """``{raw file path: reason}`` of the rejected report, through the private sources table
+    (convenient for tests and messages at the site; the report itself names keys only)."""
+    path_of = dict(zip(result.sources["file_key"], result.sources["source_path"]))
+    return {path_of[key]: reason for key, reason in zip(result.rejected["file_key"], result.rejected["reason"])}
 
 
 def write_outputs(result: IngestResult, paths: ProjectPaths, cfg: IngestConfig) -> None:
-    """Write the rejected report and summary, check the rejected share, then write the manifest.
+    """Write the private sources table, the rejected report and summary, check the rejected share,
+    then write the manifest.
 
-    The reports are written first so that a run failing on too many rejections still says why;
-    the manifest is only replaced when the share is acceptable. Every write is atomic.
+    The reports are written first so that a run failing on too many rejections still says why
+    (with the sources table that maps their file keys back to files); the manifest is only
+    replaced when the share is acceptable. Every write is atomic.
     """
+    write_csv(paths.sources, result.sources)
     write_csv(paths.rejected, result.rejected)
     write_json(summary_path(paths), result.summary)
     check_rejected_share(result, cfg, paths.rejected)

@@ -29,9 +29,11 @@ METADATA_COLUMNS = (
     "biopsy",      # malignant | benign | none
 )
 
-# Manifest (data/interim/manifest.csv): one row per accepted image.
+# Manifest (data/interim/manifest.csv): one row per accepted image. No original identifier: ids
+# are salted pseudonyms (data.ingest.pseudonymize), and the raw file of a row is found through
+# the private sources table below, never through the manifest (a DVC output that `dvc push` sends).
 MANIFEST_COLUMNS = (
-    "image_id",       # SOPInstanceUID
+    "image_id",       # pseudonymous SOPInstanceUID (DICOM PS3.15 replaces UIDs)
     "patient_id",     # pseudonymous id (see data.ingest.pseudonymize)
     "study_id",       # pseudonymous study key
     "laterality",     # L | R
@@ -42,7 +44,6 @@ MANIFEST_COLUMNS = (
     "acr",            # a..d or empty
     "age",
     "pair_key",       # patient|study|laterality|view|phase: links LE with its DES partner
-    "source_path",    # relative to the raw folder
     "rows",
     "columns",
     "window_center",  # display window of the DICOM (contrast stretching uses it)
@@ -55,6 +56,17 @@ MANIFEST_COLUMNS = (
 #   SeriesDescription say SIMULATED); ``synthetic`` -- CESM imputed from FFDM by a generator
 #   (data/imputed, DICOM ImageType DERIVED\SECONDARY\SYNTHETIC). Keeping them apart lets the
 #   settings C (real CESM) and Ĉ (imputed CESM) stay distinguishable on simulated data.
+
+# Sources (data/interim/sources.csv): PRIVATE, one row per raw file. The only link from the
+# pseudonymous keys back to the raw files and their original UIDs: written by ingest, read by
+# preprocess and `vbiopsy impute --dicom-out` (data.sources). Not a DVC output, git-ignored, never
+# logged to MLflow; it holds nothing data/raw does not (and is rebuilt from it when missing).
+SOURCES_COLUMNS = (
+    "file_key",          # pseudonym of the path: names the file in reports/ingest/rejected.csv
+    "source_path",       # relative to the raw folder (names the site's patient)
+    "image_id",          # the manifest's image_id; empty for a file not in the manifest
+    "sop_instance_uid",  # the original SOPInstanceUID of a manifest image
+)
 
 ENERGY_TO_MODALITY = {"LE": "FFDM", "DES": "CESM"}
 ENERGY_FILE_TOKEN = {"LE": "LOW_ENERGY", "DES": "RECOMBINED"}

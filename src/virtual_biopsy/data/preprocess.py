@@ -142,10 +142,18 @@ def preprocess_dataset(ds, laterality: str, size: int) -> np.ndarray:
     return preprocess_pixels(pixels, center, width, chest_wall_on_left(ds.get("PatientOrientation"), laterality), size)
 
 
-def preprocess_file(path: str | Path, laterality: str, size: int) -> np.ndarray:
-    """Read one DICOM and preprocess it; errors name the file."""
+def preprocess_file(path: str | Path, laterality: str, size: int, expected_uid: str | None = None) -> np.ndarray:
+    """Read one DICOM and preprocess it; errors name the file. With ``expected_uid``, the file must
+    still hold that image (SOPInstanceUID), the one ingest listed under this path."""
     try:
-        return preprocess_dataset(read_dataset(path), laterality, size)
+        ds = read_dataset(path)
+    except (OSError, DicomReadError, ValueError) as exc:
+        raise PreprocessError(f"{path}: {exc}") from exc
+    if expected_uid is not None and str(ds.get("SOPInstanceUID", "") or "").strip() != expected_uid:
+        raise PreprocessError(f"{path}: not the image ingest listed under this path (raw data changed); "
+                              "rerun the ingest stage")
+    try:
+        return preprocess_dataset(ds, laterality, size)
     except (OSError, DicomReadError, ValueError) as exc:
         raise PreprocessError(f"{path}: {exc}") from exc
 
@@ -162,10 +170,10 @@ def write_row(path: str, offset: int, image: np.ndarray) -> None:
         os.close(fd)
 
 
-def _preprocess_into(task: tuple[int, str, str], size: int, out: str, offset: int) -> None:
-    """Preprocess task ``(row, path, laterality)`` and write it as row ``row`` of the array in ``out``."""
-    row, path, laterality = task
-    image = preprocess_file(path, laterality, size).astype(np.float32, copy=False)
+def _preprocess_into(task: tuple[int, str, str, str | None], size: int, out: str, offset: int) -> None:
+    """Preprocess task ``(row, path, laterality, uid)`` and write it as row ``row`` of the array in ``out``."""
+    row, path, laterality, uid = task
+    image = preprocess_file(path, laterality, size, uid).astype(np.float32, copy=False)
     if image.shape != (size, size):  # a wrong-sized row would overwrite its neighbours
         raise PreprocessError(f"{path}: preprocessed to shape {image.shape}, not {(size, size)}")
     write_row(out, offset + row * image.nbytes, image)
@@ -186,8 +194,8 @@ def read_manifest(path: Path) -> pd.DataFrame:
     return manifest
 
 
-def preprocess_into(tasks: list[tuple[str, str]], size: int, workers: int, out: Path, offset: int) -> None:
-    """Preprocess ``(path, laterality)`` tasks into rows ``0..N-1`` of the float32 ``(N, size, size)``
+def preprocess_into(tasks: list[tuple[str, str, str | None]], size: int, workers: int, out: Path, offset: int) -> None:
+    """Preprocess ``(path, laterality, uid)`` tasks into rows ``0..N-1`` of the float32 ``(N, size, size)``
     array stored in ``out`` from byte ``offset`` on, by ``workers`` processes (in-process when 1)."""
     work = functools.partial(_preprocess_into, size=size, out=os.fspath(out), offset=offset)
     for _ in map_in_processes(work, [(row, *task) for row, task in enumerate(tasks)], workers,
@@ -195,11 +203,15 @@ def preprocess_into(tasks: list[tuple[str, str]], size: int, workers: int, out: 
         pass
 
 
-def write_processed(manifest: pd.DataFrame, raw_dir: Path, cfg: PreprocessConfig, paths: ProjectPaths) -> dict:
-    """Write ``images.npy`` and ``index.csv`` for every manifest row; return counts and timing."""
+def write_processed(manifest: pd.DataFrame, sources: pd.DataFrame, cfg: PreprocessConfig, paths: ProjectPaths) -> dict:
+    """Write ``images.npy`` and ``index.csv`` for every manifest row; return counts and timing.
+
+    ``sources``: the raw file (``source_path``) and original ``sop_instance_uid`` of each manifest
+    row, in manifest order (data.sources.source_files); the index carries neither.
+    """
     started = time.perf_counter()
     size = cfg.image_size
-    tasks = [(os.path.join(raw_dir, rel), lat) for rel, lat in zip(manifest["source_path"], manifest["laterality"])]
+    tasks = list(zip(sources["source_path"], manifest["laterality"], sources["sop_instance_uid"]))
     index = manifest[list(MANIFEST_COLUMNS)].assign(row=range(len(manifest)))
     # The array and its index are one set: built in a staging folder, swapped in together.
     with atomic_dir(paths.processed_dir) as staged:

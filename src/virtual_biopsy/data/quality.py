@@ -37,7 +37,7 @@ WARNING = "warning"
 LESION_LABELS = ("malignant", "benign")
 # Columns that identify or classify an image: a null here makes the row unusable.
 REQUIRED_NON_NULL = ("image_id", "patient_id", "study_id", "laterality", "view", "modality", "phase",
-                     "label", "pair_key", "source_path")
+                     "label", "pair_key")
 IMAGE_STATS_COLUMNS = ("row", "height", "width", "mean", "std", "min", "max", "finite", "background_edge_mean")
 # Preprocessing pads the side away from the chest wall with background and flips every breast to
 # one orientation, so one outer column strip of a processed image is air: dark after windowing
@@ -179,7 +179,7 @@ def build_checks(cfg: ValidateDataConfig, image_size: int, n_index_rows: int) ->
             f"{column} is one of {list(domain)}" + (" (or not reported)" if column == "acr" else ""),
             column=column, value_set=list(domain))
     add("image_id_unique", "manifest", CRITICAL, "ExpectColumnValuesToBeUnique", ("image_id",),
-        "image ids (SOPInstanceUID) are unique", column="image_id")
+        "image ids (pseudonymous SOPInstanceUIDs) are unique", column="image_id")
     add("lesion_le_has_des_partner", "manifest", CRITICAL, "ExpectColumnValuesToBeInSet",
         ("has_des_partner", "label", "modality"),
         "every lesion-labelled LE image has its DES partner (same pair_key)",

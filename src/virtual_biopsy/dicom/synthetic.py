@@ -105,20 +105,25 @@ def synthetic_dicom(source: Dataset, pixels01: np.ndarray, row: pd.Series) -> Da
     return ds
 
 
-def write_synthetic_dicoms(paths: ProjectPaths, raw_dir: Path, out_dir: Path) -> list[Path]:
-    """Write every imputed image as DICOM under ``out_dir``, mirroring the raw layout."""
-    index = pd.read_csv(paths.imputed_index)
+def write_synthetic_dicoms(paths: ProjectPaths, raw_dir: Path, out_dir: Path, sources: pd.DataFrame) -> list[Path]:
+    """Write every imputed image as DICOM under ``out_dir``, mirroring the raw layout.
+
+    ``sources``: for each ``source_image_id`` of the imputed index (its index), the raw file
+    (``source_path``, absolute, under ``raw_dir``) and original ``sop_instance_uid``: the private
+    sources table (data.sources.source_files), since data/imputed names neither.
+    """
+    index = pd.read_csv(paths.imputed_index, dtype={"image_id": str, "source_image_id": str})
     images = np.load(paths.imputed_images, mmap_mode="r")
-    raw = raw_dir
     written = []
     for _, row in index.iterrows():
-        source_path = raw / str(row["source_path"])
+        source_path = Path(str(sources.at[row["source_image_id"], "source_path"]))
         source = read_dataset(source_path)
-        if str(source.SOPInstanceUID) != str(row["source_image_id"]):
-            raise SyntheticDicomError(f"{source_path}: SOPInstanceUID {source.SOPInstanceUID} is not the imputed "
-                              f"image's source {row['source_image_id']} (raw data changed; rerun the pipeline)")
+        # The file must still hold the image ingest keyed as the imputed image's source.
+        if str(source.SOPInstanceUID) != str(sources.at[row["source_image_id"], "sop_instance_uid"]):
+            raise SyntheticDicomError(f"{source_path}: not the imputed image's LE source {row['source_image_id']} "
+                                      "(raw data changed; rerun the pipeline)")
         ds = synthetic_dicom(source, np.asarray(images[int(row["row"])]), row)
-        relative = Path(str(row["source_path"]))
+        relative = source_path.relative_to(raw_dir)
         target = out_dir / relative.parent / f"{relative.stem}_SYNTHETIC_RECOMBINED.dcm"
         written.append(write_dataset(ds, target))
     return written

@@ -15,7 +15,7 @@ acr          a | b | c | d, or empty when not reported
 label        1 malignant, 0 benign (biopsy)
 source       real | synthetic: CESM classifiers score the real DES image and the CESM imputed
              from the same study's LE image (paper: C and Ĉ); FFDM rows are always real
-image_id     SOPInstanceUID of the scored image (for synthetic rows: of the LE input)
+image_id     pseudonymous SOPInstanceUID of the scored image (for synthetic rows: of the LE input)
 p_malignant  f_{m,v}(X) in [0, 1]
 ===========  ==================================================================================
 

@@ -2,9 +2,11 @@
 
     python -m virtual_biopsy.stages.preprocess [--root .] [--params params.yaml] [--no-mlflow]
 
-Reads data/interim/manifest.csv and the raw DICOM files; writes data/processed/images.npy
-(float32 (N, S, S) in [0, 1], S = preprocess.image_size; np.load(..., mmap_mode="r")) and
-data/processed/index.csv (manifest columns + ``row``). See data/preprocess.py for the steps.
+Reads data/interim/manifest.csv and the raw DICOM files, found through the private
+data/interim/sources.csv (data/sources.py: rebuilt from data/raw when missing); writes
+data/processed/images.npy (float32 (N, S, S) in [0, 1], S = preprocess.image_size;
+np.load(..., mmap_mode="r")) and data/processed/index.csv (manifest columns + ``row``: no raw
+path, no original UID). See data/preprocess.py for the steps.
 """
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ import sys
 
 from virtual_biopsy.core.config import ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
+from virtual_biopsy.data.ingest import IngestError
 from virtual_biopsy.data.preprocess import (
     PreprocessError,
     read_manifest,
     write_processed,
 )
+from virtual_biopsy.data.sources import SourcesError, source_files
 from virtual_biopsy.stages.common import stage_inputs, stage_parser
 
 STAGE = "preprocess"
@@ -25,7 +29,8 @@ STAGE = "preprocess"
 def run_preprocess(paths: ProjectPaths, params: Params) -> dict:
     """Preprocess every manifest row; return counts and timing."""
     manifest = read_manifest(paths.manifest)
-    return write_processed(manifest, paths.root / params.ingest.raw_dir, params.preprocess, paths)
+    sources = source_files(paths, params.ingest, manifest["image_id"])
+    return write_processed(manifest, sources, params.preprocess, paths)
 
 
 def log_to_mlflow(paths: ProjectPaths, params: Params, summary: dict) -> None:
@@ -41,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths, params = stage_inputs(args)
         summary = run_preprocess(paths, params)
-    except (ConfigError, PreprocessError) as exc:
+    except (ConfigError, PreprocessError, SourcesError, IngestError) as exc:
         print(f"{STAGE}: {exc}", file=sys.stderr)
         return 1
     if not args.no_mlflow:
