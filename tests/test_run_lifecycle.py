@@ -27,10 +27,17 @@ from virtual_biopsy.mlops import tracking
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's foreground job has it
 root, mode = sys.argv[1], sys.argv[2]
 if mode == "hold":
+    def work(started):
+        started.set()
+        time.sleep(120)
+
     with tracking.stage_run("hold", root=root) as run:
         with run.child("nested", tags={"fold": 0}) as nested:
-            worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,))
+            fork = multiprocessing.get_context("fork")
+            started = fork.Event()
+            worker = fork.Process(target=work, args=(started,))
             worker.start()
+            started.wait(60)  # the worker runs its own code (not still inside fork) when the signal comes
             print("READY", worker.pid, flush=True)
             time.sleep(120)
 else:
@@ -244,6 +251,26 @@ def test_signal_raises_inside_a_run_and_reaches_the_previous_handler_afterwards(
         signal.signal(signal.SIGTERM, previous)
     assert tracking.get_client(project).get_run(run.run_id).info.status == "KILLED"
     assert _running(project) == []
+
+
+def test_a_worker_forked_just_before_a_sigterm_still_dies_of_it():
+    # CPython drops a signal that reaches a forked child before it resets its signal state; with
+    # our Python handler installed SIGTERM would be such a signal (the kernel's default action
+    # would have killed the child). Blocked across the fork, it kills the child once it is reset.
+    import multiprocessing
+
+    exit_codes = []
+    with tracking.signals_as_exceptions():
+        for _ in range(5):
+            worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+            worker.start()
+            os.kill(worker.pid, signal.SIGTERM)  # at once: the child may not have run a line yet
+            worker.join(20)
+            exit_codes.append(worker.exitcode)
+            if worker.exitcode is None:
+                worker.kill()
+                worker.join()
+    assert exit_codes == [-signal.SIGTERM] * 5
 
 
 def test_pinned_parent_is_ended_by_its_stages_and_finish_decides_for_good(project, monkeypatch):

@@ -20,9 +20,12 @@ How runs end (no run stays RUNNING)
     raises, KILLED when the process is stopped: while a run is open, SIGTERM, SIGINT and SIGHUP
     raise :class:`Interrupted` (a KeyboardInterrupt) in the main thread, so every ``with`` block
     closes its run, and once they are closed the signal is handed to the handler that was there
-    before (SIGTERM still kills the process, so DVC and torchrun see it die of the signal). Runs of a
-    process that could not react (SIGKILL, the OOM killer, a crash) carry the tag ``process``
-    (host, PID namespace, PID, start time); the next stage on that host marks them KILLED.
+    before (SIGTERM still kills the process, so DVC and torchrun see it die of the signal). Only
+    the main thread of the process that opened the run reacts: torchrun ranks other than 0 open
+    no run (NullRun) and keep their handlers; forked DataLoader workers get the previous handlers
+    back at the fork. Runs of a process that could not react (SIGKILL, the OOM killer, a crash, a
+    rank SIGKILLed by torchrun while blocked in a collective) carry the tag ``process`` (host, PID
+    namespace, PID, start time); the next stage on that host marks them KILLED.
 
     The parent is RUNNING while one of its stages runs and ended otherwise: each stage reopens it
     when it starts and, when it ends, closes it if no stage run under it is still RUNNING (the last
@@ -335,6 +338,54 @@ def _restore_handlers() -> None:
             signal.signal(signum, previous)
 
 
+_fork_masks = threading.local()
+
+
+def _block_before_fork() -> None:
+    # A signal that reaches a forked child before CPython re-initialises its signal state there is
+    # dropped (the child's pending flags are cleared), so a worker forked a moment before a
+    # Ctrl-C or killpg would survive it. Blocked across the fork, the signal waits in the kernel
+    # and reaches the child once its handlers are back to the previous ones (_restore_in_child).
+    _fork_masks.mask = None
+    if _signals.depth and _signals.previous and os.getpid() == _signals.owner_pid:
+        _fork_masks.mask = signal.pthread_sigmask(signal.SIG_BLOCK, list(_signals.previous))
+
+
+def _unblock_after_fork() -> None:
+    mask, _fork_masks.mask = getattr(_fork_masks, "mask", None), None
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _restore_in_child() -> None:
+    """A forked child (a DataLoader worker) owns no run: it gets the handlers it would have had.
+
+    A signal that arrived since the fork is pending: one with the default disposition kills the
+    child when it is unblocked, as it would have without us; one for a Python handler (SIGINT's
+    KeyboardInterrupt) is dropped, as CPython drops every signal that reaches a child before its
+    signal state is reset (raised here, inside the fork hook, it would be swallowed anyway).
+    """
+    if getattr(_fork_masks, "mask", None) is not None:
+        for signum, previous in _signals.previous.items():
+            signal.signal(signum, previous)
+        if hasattr(signal, "sigtimedwait"):
+            for signum in signal.sigpending() & {s for s, h in _signals.previous.items() if callable(h)}:
+                signal.sigtimedwait([signum], 0)
+    _signals.depth, _signals.owner_pid, _signals.pending, _signals.fired_at = 0, None, None, None
+    _signals.defer = 0
+    _unblock_after_fork()
+
+
+_fork_hooks: list[bool] = []
+
+
+def _register_fork_hooks() -> None:
+    if not _fork_hooks and hasattr(os, "register_at_fork") and hasattr(signal, "pthread_sigmask"):
+        os.register_at_fork(before=_block_before_fork, after_in_parent=_unblock_after_fork,
+                            after_in_child=_restore_in_child)
+        _fork_hooks.append(True)
+
+
 @contextlib.contextmanager
 def signals_as_exceptions() -> Iterator[None]:
     """Inside this block SIGTERM, SIGINT and SIGHUP raise :class:`Interrupted` in the main thread.
@@ -343,13 +394,15 @@ def signals_as_exceptions() -> Iterator[None]:
     and, when it is left by an :class:`Interrupted`, hands the signal to the previous handler
     (default SIGTERM: the process dies of it now; Python's SIGINT: KeyboardInterrupt goes on up).
     A signal that was ignored (``nohup``, a background job) stays ignored; a handler set outside
-    Python is left alone; in other threads this is a no-op.
+    Python is left alone; in other threads this is a no-op. Processes forked inside the block
+    start with the previous handlers.
     """
     state = _signals
     if not _main_thread():
         yield
         return
     if state.depth == 0:
+        _register_fork_hooks()
         state.owner_pid, state.previous, state.pending, state.fired_at = os.getpid(), {}, None, None
         for signum in SIGNALS:
             previous = signal.getsignal(signum)
@@ -358,19 +411,21 @@ def signals_as_exceptions() -> Iterator[None]:
             state.previous[signum] = previous
             signal.signal(signum, _on_signal)
     state.depth += 1
+    owner = state.owner_pid
     left = False
     try:
         yield
     except Interrupted as exc:
-        state.depth -= 1
         left = True
-        if state.depth == 0:
-            _restore_handlers()
-            state.pending = None
-            _hand_to_previous(exc.signum)
+        if os.getpid() == owner and state.owner_pid == owner:  # not a forked child unwinding our frames
+            state.depth -= 1
+            if state.depth == 0:
+                _restore_handlers()
+                state.pending = None
+                _hand_to_previous(exc.signum)
         raise
     finally:
-        if not left:
+        if not left and os.getpid() == owner and state.owner_pid == owner:
             state.depth -= 1
             if state.depth == 0:
                 _restore_handlers()
@@ -391,7 +446,7 @@ def deferred_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        state.defer -= 1
+        state.defer = max(0, state.defer - 1)  # a forked child starts at 0 (_restore_in_child)
         if state.defer == 0 and state.pending is not None and state.depth > 0 and os.getpid() == state.owner_pid:
             signum, state.pending = state.pending, None
             state.fired_at = time.monotonic()
