@@ -190,6 +190,18 @@ def test_stage_writes_every_report_and_logs_tagged_runs(project: Path, monkeypat
     assert len(tagged) == 1
     assert tagged[0].data.tags["synthetic_share"] == "100"
     assert tagged[0].data.metrics["test_auc"] == pytest.approx(headline["vgg16"]["F+Ĉ"]["auc"])
+    # The setting run says what it is computed from (params) and which predictions it read (datasets).
+    params = tagged[0].data.params
+    assert params["arch"] == "vgg16" and params["setting"] == "F+Ĉ" and params["modalities"] == "FFDM+CESM"
+    assert params["cesm_images"] == "imputed" and params["synthetic_share"] == "100"
+    assert "eq. 8" in params["fusion_rule"] and "vgg16/CESM_MLO" in params["fusion_weights_source"]
+    probabilities = pd.read_csv(out / "test_probabilities.csv")
+    assert int(params["test_lesions"]) == ((probabilities["arch"] == "vgg16") & (probabilities["setting"] == "F+Ĉ")).sum()
+    inputs = {d.dataset.name: {t.key: t.value for t in d.tags}["mlflow.data.context"]
+              for d in mlflow.get_run(tagged[0].info.run_id).inputs.dataset_inputs}
+    assert inputs == {"predictions vgg16 F+Ĉ val": "val", "predictions vgg16 F+Ĉ test": "test"}
+    robustness = [r for r in runs if r.data.tags.get("synthetic_share") == "0-100"]
+    assert robustness and all(r.data.params["robustness_draws"] == "3" for r in robustness)
 
 
 def test_stage_without_predictions_fails_in_one_line_naming_the_file(tmp_path: Path, capsys) -> None:

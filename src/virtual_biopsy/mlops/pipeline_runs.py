@@ -1,8 +1,9 @@
-"""`vbiopsy pipeline start|finish|summary`: the parent MLflow run around one `dvc repro`.
+"""`vbiopsy pipeline start|finish|summary|links`: the parent MLflow run around one `dvc repro`.
 
 ``make demo`` and CI call ``start`` before ``dvc repro`` and export the printed run id as
 ``VBIOPSY_PARENT_RUN_ID`` so every stage's run nests under one parent; ``finish`` closes it with
-the headline metrics; ``summary`` tells the user where the results are.
+the headline metrics; ``summary`` tells the user where the results are, ending with ``links``:
+the command that serves the MLflow UI and the UI pages to open (in model-training mode).
 
 Between ``start`` and ``finish`` each stage reopens the parent and ends it again with the
 pipeline's status so far (tracking's module doc), so a driver that dies before ``finish`` leaves
@@ -81,9 +82,21 @@ def summary(args: argparse.Namespace) -> int:
             champion = registry.get_alias(name, registry.CHAMPION, root)
             print(f"Gate {arch}: {name} v{challenger or '?'} {entry['decision']}"
                   f" (champion: {'v' + champion if champion else 'none'}); details: vbiopsy registry status")
+    print_ui_links(root)
+    return 0
+
+
+def print_ui_links(root: Path) -> None:
+    """The command that serves the MLflow UI and the pages to open (model-training mode, see tracking.UI_MODE)."""
     print("\nMLflow UI on these runs:")
-    print(f"  {tracking.ui_command(root)}   # then open http://127.0.0.1:5000")
-    print("Compare runs by settings: filter with  tags.stage = 'evaluate'  and sort by metrics.test_auc\n")
+    print(f"  {tracking.ui_command(root)}")
+    for title, url in tracking.ui_links(root).items():
+        print(f"  {title}:\n    {url}")
+    print()
+
+
+def links(args: argparse.Namespace) -> int:
+    print_ui_links(Path(args.root))
     return 0
 
 
@@ -101,4 +114,7 @@ def register(subparsers) -> None:
     done.set_defaults(func=finish)
     actions.add_parser("summary", help="print where the results are and how to open the MLflow UI").set_defaults(
         func=summary
+    )
+    actions.add_parser("links", help="print the command that serves the MLflow UI and the pages to open").set_defaults(
+        func=links
     )

@@ -61,6 +61,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -526,6 +527,44 @@ def loggable_params(flat: Mapping[str, Any]) -> dict[str, Any]:
     return {k: ("<redacted>" if any(w in k.lower() for w in SECRET_PARAM_WORDS) else v) for k, v in flat.items()}
 
 
+# Stages whose params.yaml section has another name than the stage.
+STAGE_SECTIONS = {"train_generator": "generator", "train_classifier": "classifier"}
+
+
+def section_params(params: Params, section: str) -> dict[str, Any]:
+    """One params.yaml section as loggable params ``section.key`` (a fold run's hyperparameters)."""
+    return loggable_params(flatten(getattr(params, section), f"{section}."))
+
+
+# Columns a logged dataset may describe (schema, digest): pseudonymous keys, labels, acquisition
+# and subset fields, rows of the processed array. Everything else (SOP instance UIDs, file paths
+# that carry the site's patient ids, pair keys) is dropped before MLflow sees the table.
+DATASET_COLUMNS = (
+    "patient_id", "study_id", "lesion_id", "laterality", "view", "modality", "phase", "label", "y", "acr", "age",
+    "arch", "fold", "subset", "source", "synthetic", "simulated", "p_malignant", "row", "le_row", "des_row",
+)
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # what the UI's Dataset column shows beside the name
+
+
+def dataset_table(table: Any) -> Any:
+    """The DATASET_COLUMNS of a pandas table, text columns as strings (MLflow infers the schema)."""
+    kept = table[[c for c in table.columns if c in DATASET_COLUMNS]].reset_index(drop=True)
+    for column in kept.columns:
+        if kept[column].dtype == object or str(kept[column].dtype) == "string":
+            kept[column] = kept[column].fillna("").astype(str)
+    return kept
+
+
+def table_counts(table: Any, targets: str | None) -> dict[str, int]:
+    """Rows, patients and rows per target value of a dataset table (its source metadata)."""
+    counts = {"rows": int(len(table))}
+    if "patient_id" in table.columns:
+        counts["patients"] = int(table["patient_id"].nunique())
+    if targets and targets in table.columns:
+        counts.update({f"{targets}={k}": int(v) for k, v in table[targets].value_counts().sort_index().items()})
+    return counts
+
+
 def _clean_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in (tags or {}).items() if v is not None}
 
@@ -582,6 +621,40 @@ class StageRun:
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
+    def log_tables(self, tables: Mapping[str, Any], *, name: str, source: Mapping[str, Any],
+                   targets: str | None = None, predictions: str | None = None) -> None:
+        """Log what the run read as MLflow dataset inputs: one per table, keyed by its context.
+
+        ``tables`` maps a context (``train``, ``val``, ``test`` ...) to a pandas table of the rows
+        read; each becomes a pandas dataset ``"<name> <context>"`` of its DATASET_COLUMNS, of
+        which MLflow keeps the schema, row count and a digest, never the values (so no image, and
+        no identifier beyond the pseudonymous ids). Its source is metadata only: ``source`` (the
+        file the rows come from, fold, ...) plus the data version (data.dvc) and the table's
+        counts. Empty tables are skipped.
+        """
+        mlflow = _mlflow()
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = []
+        for context, table in tables.items():
+            if table is None or len(table) == 0:
+                continue
+            kept = dataset_table(table)
+            meta = {**source, "context": context, "data_version": self.context.get("data_version", "unknown"),
+                    **table_counts(kept, targets)}
+            with warnings.catch_warnings():  # schema hints about integer columns, meant for model signatures
+                warnings.simplefilter("ignore")
+                dataset = mlflow.data.from_pandas(
+                    kept, source=CodeDatasetSource(tags={k: str(v) for k, v in meta.items()}), name=f"{name} {context}",
+                    targets=targets if targets in kept.columns else None,
+                    predictions=predictions if predictions in kept.columns else None,
+                )
+                entity = dataset._to_mlflow_entity()
+            inputs.append(DatasetInput(entity, tags=[InputTag(DATASET_CONTEXT_TAG, context)]))
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+
     def artifact_uri(self) -> str:
         return self.client.get_run(self.run_id).info.artifact_uri
 
@@ -627,6 +700,10 @@ class NullRun:
         pass
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
+        pass
+
+    def log_tables(self, tables: Mapping[str, Any], *, name: str, source: Mapping[str, Any],
+                   targets: str | None = None, predictions: str | None = None) -> None:
         pass
 
     def __bool__(self) -> bool:
@@ -861,8 +938,9 @@ def stage_run(stage: str, *, root: str | Path = ".", params: Params | None = Non
                     _best_effort("reopening the pipeline run", _reopen_parent, client, parent_id)
             with _run(client, exp_id, root, context, run_name or stage, parent_id,
                       {"stage": stage, **_clean_tags(tags)}) as run:
-                if params is not None and hasattr(params, stage):
-                    run.log_params(loggable_params(flatten(getattr(params, stage), f"{stage}.")))
+                section = STAGE_SECTIONS.get(stage, stage)
+                if params is not None and hasattr(params, section):
+                    run.log_params(section_params(params, section))
                 yield run
         except BaseException as exc:
             outcome = _ending(exc)[0]
@@ -892,8 +970,76 @@ def log_to_parent(root: str | Path = ".", params: Params | None = None, *, metri
         (run.log_artifacts if local.is_dir() else run.log_artifact)(local, artifact_path)
 
 
-def ui_command(root: str | Path = ".") -> str:
-    """The shell command that opens the MLflow UI on this project's store."""
-    if not _uses_embedded_store(root):
-        return f"open {os.environ['MLFLOW_TRACKING_URI']} in a browser"
-    return f"mlflow ui --backend-store-uri {embedded_store(root)[0]} --port 5000"
+# ---------------------------------------------------------------------------------------------
+# The MLflow UI: the command that serves the store and the links the project prints
+# ---------------------------------------------------------------------------------------------
+UI_PORT = 5000
+# MLflow 3.17's UI has one global mode that starts as GenAI (Overview, Traces, Sessions ...): it
+# takes ``workflowType`` from the page's URL, else from the browser's localStorage, else "genai",
+# and ignores the experiment's mlflow.experimentKind tag. So every link the project prints says
+# ``workflowType=machine_learning``: a fresh browser then opens the runs table of model training.
+UI_MODE = {"workflowType": "machine_learning"}
+# The evaluate stage's settings runs (its robustness sweeps are runs tagged synthetic_share 0-100).
+EVALUATE_SETTINGS_FILTER = "tags.stage = 'evaluate' and tags.fold = 'all' and tags.synthetic_share != '0-100'"
+
+
+def _serves_ui(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def ui_command(root: str | Path = ".", port: int = UI_PORT) -> str:
+    """The shell command that opens the MLflow UI on this project's store (a server needs none)."""
+    uri = tracking_uri(root)
+    if _serves_ui(uri):
+        return f"open {ui_base_url(root, port)} in a browser"
+    return f"mlflow ui --backend-store-uri {uri} --port {port}"
+
+
+def ui_base_url(root: str | Path = ".", port: int = UI_PORT) -> str:
+    """Where the UI answers: the tracking server, or ``mlflow ui`` (ui_command) on loopback."""
+    uri = tracking_uri(root)
+    return uri.rstrip("/") if _serves_ui(uri) else f"http://127.0.0.1:{port}"
+
+
+def ui_link(base: str, route: str, **query: str) -> str:
+    """``BASE/#/ROUTE?...&workflowType=machine_learning``: a page of the UI in model-training mode.
+
+    The mode goes last: the comparison page reads its first parameter only when it is ``runs``.
+    """
+    from urllib.parse import quote, urlencode
+
+    return f"{base.rstrip('/')}/#/{route.strip('/')}?{urlencode({**query, **UI_MODE}, quote_via=quote)}"
+
+
+def runs_link(base: str, experiment_id: str, search_filter: str | None = None, order_by: str | None = None,
+              ascending: bool = False) -> str:
+    """The experiment's runs table, optionally filtered (MLflow search syntax) and ordered.
+
+    Ordered by anything but the start time, the UI lists the matching runs flat; by start time
+    (its default) it nests them under their parents, collapsed.
+    """
+    query = {"searchFilter": search_filter} if search_filter else {}
+    if order_by:
+        query.update(orderByKey=order_by, orderByAsc=str(ascending).lower())
+    return ui_link(base, f"experiments/{experiment_id}/runs", **query)
+
+
+def compare_runs_link(base: str, experiment_id: str, run_ids: list[str]) -> str:
+    """MLflow's comparison page of ``run_ids`` (params, metrics, plots side by side)."""
+    return ui_link(base, "compare-runs", runs=json.dumps(list(run_ids)), experiments=json.dumps([experiment_id]))
+
+
+def ui_links(root: str | Path = ".", port: int = UI_PORT, client: Any = None) -> dict[str, str]:
+    """The UI pages ``vbiopsy pipeline summary`` prints, by what they show (all open in model-training mode)."""
+    base = ui_base_url(root, port)
+    client = client or get_client(root)
+    found = client.get_experiment_by_name(os.environ.get(EXPERIMENT_ENV, EXPERIMENT_NAME))
+    if found is None:
+        return {"experiments": ui_link(base, "experiments")}
+    exp = found.experiment_id
+    by_auc = "metrics.`test_auc`"
+    return {
+        "runs (pipeline > stage > fold, newest first)": runs_link(base, exp),
+        "settings compared (evaluate, by test AUC)": runs_link(base, exp, EVALUATE_SETTINGS_FILTER, by_auc),
+        "one setting (F+Ĉ, every architecture)": runs_link(base, exp, "tags.setting = 'F+Ĉ'", by_auc),
+    }

@@ -6,7 +6,9 @@ adds its own options (``--view``, ``--arch``, ...) to the parser made here.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+from typing import Any
 
 from virtual_biopsy.core.config import Params, load_params
 from virtual_biopsy.core.paths import ProjectPaths
@@ -27,3 +29,19 @@ def stage_inputs(args: argparse.Namespace) -> tuple[ProjectPaths, Params]:
     """The project's paths and its params (``--params`` or ROOT/params.yaml); raises ConfigError."""
     paths = ProjectPaths(Path(args.root))
     return paths, load_params(args.params or paths.root / "params.yaml")
+
+
+def open_stage_run(stage: str, paths: ProjectPaths, params: Params, args: argparse.Namespace, **kwargs: Any):
+    """The stage's MLflow run (a NullRun under ``--no-mlflow``), as a context manager.
+
+    Open it before the stage's work, not after: the run's start and end times are then the
+    stage's, so the UI's Duration column says how long the stage took.
+    """
+    from virtual_biopsy.mlops import tracking
+
+    return tracking.stage_run(stage, root=paths.root, params=params, enabled=not args.no_mlflow, **kwargs)
+
+
+def relative(path: Path, root: Path) -> str:
+    """``path`` relative to the project root, POSIX style (how runs name the files they read)."""
+    return Path(os.path.relpath(path, root)).as_posix()

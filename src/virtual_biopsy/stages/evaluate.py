@@ -23,12 +23,18 @@ from virtual_biopsy.core.config import ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.evaluation import figures
 from virtual_biopsy.evaluation.settings import SETTING_SLUGS, SETTING_SYNTHETIC_SHARE
-from virtual_biopsy.stages.common import stage_inputs, stage_parser
+from virtual_biopsy.stages.common import open_stage_run, relative, stage_inputs, stage_parser
 
 STAGE = "evaluate"
 METRIC_NAMES = ("auc", "gmean", "mcc")
 SETTING_MODALITY = {"F": "FFDM", "C": "CESM", "Ĉ": "CESM", "F+C": "FFDM+CESM", "F+Ĉ": "FFDM+CESM",
                     "C*": "CESM", "F+C*": "FFDM+CESM"}
+# The test predictions each setting fuses: (modality, source) of the classifiers' rows. Its fusion
+# weights come from the real validation predictions of the same modalities (settings module).
+SETTING_TEST_INPUTS = {"F": (("FFDM", "real"),), "C": (("CESM", "real"),), "Ĉ": (("CESM", "synthetic"),),
+                       "F+C": (("FFDM", "real"), ("CESM", "real")), "F+Ĉ": (("FFDM", "real"), ("CESM", "synthetic")),
+                       "C*": (("CESM", "real"), ("CESM", "synthetic")),
+                       "F+C*": (("FFDM", "real"), ("CESM", "real"), ("CESM", "synthetic"))}
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,8 @@ class EvaluationResult:
     robustness: pd.DataFrame
     acr_breakdown: pd.DataFrame
     headline: dict
+    predictions: pd.DataFrame | None = None  # what was read (PREDICTION_COLUMNS)
+    probabilities: pd.DataFrame | None = None  # fused p per arch, fold, setting and test lesion
 
 
 def _save_figure(fig, path: Path) -> None:
@@ -100,7 +108,8 @@ def run_evaluation(root: str | Path, params: Params) -> EvaluationResult:
             _save_figure(figures.figure5(robustness), written["figure5.png"])
         _save_figure(figures.roc_figure(roc), written["roc.png"])
     write_json(paths.metrics_file, headline)
-    return EvaluationResult(out, paths.metrics_file, files, scores, table_a1, robustness, acr, headline)
+    return EvaluationResult(out, paths.metrics_file, files, scores, table_a1, robustness, acr, headline,
+                            predictions, probabilities)
 
 
 def _setting_tags(arch: str, setting: str, share: int | None) -> dict[str, object]:
@@ -108,36 +117,89 @@ def _setting_tags(arch: str, setting: str, share: int | None) -> dict[str, objec
             "fold": "all", "synthetic_share": "n/a" if share is None else share}
 
 
-def log_evaluation(result: EvaluationResult, root: str | Path, params: Params) -> None:
-    """Log the evaluation to MLflow: headline metrics and files on the stage run, one child run
-    per architecture × setting (per-fold values as steps) and per robustness point."""
-    from virtual_biopsy.mlops import tracking  # layer 4, needed only here
+def setting_params(result: EvaluationResult, params: Params, arch: str, setting: str) -> dict[str, object]:
+    """What one setting run is computed from: the classifiers fused, how, with which weights, on what."""
+    inputs = SETTING_TEST_INPUTS[setting]
+    modalities = list(dict.fromkeys(m for m, _ in inputs))
+    cesm = sorted({source for m, source in inputs if m == "CESM"})
+    share = SETTING_SYNTHETIC_SHARE.get(setting)
+    out: dict[str, object] = {
+        "arch": arch, "setting": setting, "modalities": "+".join(modalities),
+        "views": "+".join(params.classifier.views),
+        "cesm_images": "+".join("imputed" if s == "synthetic" else s for s in cesm) or "none",
+        "synthetic_share": "0-100" if share is None and cesm else ("n/a" if share is None else share),
+        "fusion_rule": ("MCC-weighted late fusion over views (eq. 7)" if len(modalities) == 1 else
+                        "MCC-weighted late fusion over views (eq. 7), then modalities (eq. 8)"),
+        "fusion_weights": "validation MCC per fold (real images only); <= 0 or undefined counts 0, all 0: mean",
+        "fusion_weights_source": "val predictions of " + ", ".join(
+            f"{arch}/{m}_{v}" for m in modalities for v in params.classifier.views),
+        "test_predictions": ", ".join(f"{arch}/{m}_{v} {source}" for m, source in inputs
+                                      for v in params.classifier.views),
+    }
+    if result.probabilities is not None:
+        rows = result.probabilities[(result.probabilities["arch"] == arch)
+                                    & (result.probabilities["setting"] == setting)]
+        out.update(folds=int(rows["fold"].nunique()), test_lesions=int(len(rows)),
+                   test_lesions_malignant=int((rows["label"] == 1).sum()))
+    return out
 
-    with tracking.stage_run(STAGE, root=root, params=params, tags={"archs": ",".join(params.classifier.architectures)}) as run:
-        run.log_metrics({f"{arch}.{SETTING_SLUGS[setting]}.test_{m}": values.get(m)
-                         for arch, per_setting in result.headline.items()
-                         for setting, values in per_setting.items() for m in METRIC_NAMES
-                         if values.get(m) is not None})
-        run.log_artifacts(result.output_dir, "evaluation")
-        run.log_artifact(result.metrics_file)
-        for (arch, setting), group in result.fold_scores.groupby(["arch", "setting"], sort=False):
-            with run.child(f"{arch} {setting}",
-                           tags=_setting_tags(arch, setting, SETTING_SYNTHETIC_SHARE[setting])) as child:
-                values = result.headline[arch][setting]
-                child.log_metrics({f"test_{m}": values.get(m) for m in METRIC_NAMES if values.get(m) is not None}
-                                  | {f"test_{m}_sem": values.get(f"{m}_sem") for m in METRIC_NAMES
-                                     if values.get(f"{m}_sem") is not None})
-                for _, row in group.iterrows():
-                    child.log_metrics({f"fold_test_{m}": row[m] for m in METRIC_NAMES}, step=int(row["fold"]))
-        _log_robustness(run, result.robustness)
+
+def setting_tables(result: EvaluationResult, arch: str, setting: str) -> dict[str, pd.DataFrame]:
+    """The predictions a setting run reads: val rows (fusion weights) and test rows (scored)."""
+    if result.predictions is None:
+        return {}
+    inputs = SETTING_TEST_INPUTS[setting]
+    rows = result.predictions[result.predictions["arch"] == arch]
+    pairs = rows["modality"] + "|" + rows["source"]
+    modalities = {m for m, _ in inputs}
+    return {
+        "val": rows[(rows["subset"] == "val") & (rows["source"] == "real") & rows["modality"].isin(modalities)],
+        "test": rows[(rows["subset"] == "test") & pairs.isin({f"{m}|{s}" for m, s in inputs})],
+    }
 
 
-def _log_robustness(run, robustness: pd.DataFrame) -> None:
+def _log_setting_inputs(run, result: EvaluationResult, root: Path, params: Params, arch: str, setting: str) -> None:
+    run.log_params(setting_params(result, params, arch, setting))
+    files = sorted({relative(ev.predictions_path(ProjectPaths(root), arch, m, v), root)
+                    for m, _ in SETTING_TEST_INPUTS[setting] for v in params.classifier.views})
+    run.log_tables(setting_tables(result, arch, setting), name=f"predictions {arch} {setting}",
+                   targets="label", predictions="p_malignant", source={"tables": ", ".join(files)})
+
+
+def log_evaluation(run, result: EvaluationResult, root: str | Path, params: Params) -> None:
+    """Log the evaluation to the stage's MLflow run: headline metrics and files, one child run
+    per architecture × setting (its inputs as params and datasets, per-fold values as steps) and
+    per robustness sweep."""
+    root = Path(root)
+    run.log_metrics({f"{arch}.{SETTING_SLUGS[setting]}.test_{m}": values.get(m)
+                     for arch, per_setting in result.headline.items()
+                     for setting, values in per_setting.items() for m in METRIC_NAMES
+                     if values.get(m) is not None})
+    run.log_artifacts(result.output_dir, "evaluation")
+    run.log_artifact(result.metrics_file)
+    for (arch, setting), group in result.fold_scores.groupby(["arch", "setting"], sort=False):
+        with run.child(f"{arch} {setting}",
+                       tags=_setting_tags(arch, setting, SETTING_SYNTHETIC_SHARE[setting])) as child:
+            _log_setting_inputs(child, result, root, params, arch, setting)
+            values = result.headline[arch][setting]
+            child.log_metrics({f"test_{m}": values.get(m) for m in METRIC_NAMES if values.get(m) is not None}
+                              | {f"test_{m}_sem": values.get(f"{m}_sem") for m in METRIC_NAMES
+                                 if values.get(f"{m}_sem") is not None})
+            for _, row in group.iterrows():
+                child.log_metrics({f"fold_test_{m}": row[m] for m in METRIC_NAMES}, step=int(row["fold"]))
+    _log_robustness(run, result, root, params)
+
+
+def _log_robustness(run, result: EvaluationResult, root: Path, params: Params) -> None:
     """One child per architecture and setting of the sweep; the share of synthetic CESM is the step."""
+    robustness = result.robustness
     sweep = robustness[robustness["setting"] != "F"]
     for (arch, setting), group in sweep.groupby(["arch", "setting"], sort=False):
         with run.child(f"{arch} {setting} robustness",
                        tags=_setting_tags(arch, setting, None) | {"synthetic_share": "0-100"}) as child:
+            _log_setting_inputs(child, result, root, params, arch, setting)
+            child.log_params({"robustness_shares": ",".join(str(s) for s in params.evaluate.robustness_shares),
+                              "robustness_draws": params.evaluate.robustness_draws, "seed": params.seed})
             for share, at_share in group.groupby("share"):
                 child.log_metrics({f"test_{r['metric']}": r["mean"] for _, r in at_share.iterrows()}, step=int(share))
 
@@ -147,12 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths, params = stage_inputs(args)
         root = paths.root
-        result = run_evaluation(root, params)
+        with open_stage_run(STAGE, paths, params, args,
+                            tags={"archs": ",".join(params.classifier.architectures)}) as run:
+            result = run_evaluation(root, params)
+            if run:
+                log_evaluation(run, result, root, params)
     except (ConfigError, ValueError, OSError) as exc:  # expected bad input: one line, exit code 1
         print(f"evaluate: {exc}", file=sys.stderr)
         return 1
-    if not args.no_mlflow:
-        log_evaluation(result, root, params)
     print(ev.table_a1_markdown(result.table_a1))
     print(f"evaluate: wrote {len(result.files)} files to {result.output_dir} and {result.metrics_file}")
     return 0

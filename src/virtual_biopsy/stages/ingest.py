@@ -20,7 +20,7 @@ from virtual_biopsy.data.ingest import (
     summary_path,
     write_outputs,
 )
-from virtual_biopsy.stages.common import stage_inputs, stage_parser
+from virtual_biopsy.stages.common import open_stage_run, stage_inputs, stage_parser
 
 STAGE = "ingest"
 
@@ -32,19 +32,16 @@ def run_ingest(paths: ProjectPaths, params: Params) -> IngestResult:
     return result
 
 
-def log_to_mlflow(paths: ProjectPaths, params: Params, result: IngestResult) -> None:
+def log_to_mlflow(run, paths: ProjectPaths, params: Params, result: IngestResult) -> None:
     """Counts as metrics; rejected report, summary and the raw contact sheet (if any) as artifacts."""
-    from virtual_biopsy.mlops import tracking
-
     counts = {k: v for k, v in result.summary.items() if isinstance(v, (int, float))}
     counts.update({f"rejected_{k}": v for k, v in result.summary["rejected_by_kind"].items()})
-    with tracking.stage_run(STAGE, root=paths.root, params=params) as run:
-        run.log_metrics({f"ingest.{k}": float(v) for k, v in counts.items()})
-        run.log_artifact(paths.rejected, STAGE)
-        run.log_artifact(summary_path(paths), STAGE)
-        contact_sheet = paths.root / params.ingest.raw_dir / "contact_sheet.png"
-        if contact_sheet.exists():
-            run.log_artifact(contact_sheet, STAGE)
+    run.log_metrics({f"ingest.{k}": float(v) for k, v in counts.items()})
+    run.log_artifact(paths.rejected, STAGE)
+    run.log_artifact(summary_path(paths), STAGE)
+    contact_sheet = paths.root / params.ingest.raw_dir / "contact_sheet.png"
+    if contact_sheet.exists():
+        run.log_artifact(contact_sheet, STAGE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,12 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths, params = stage_inputs(args)
-        result = run_ingest(paths, params)
+        with open_stage_run(STAGE, paths, params, args) as run:
+            result = run_ingest(paths, params)
+            log_to_mlflow(run, paths, params, result)
     except (ConfigError, IngestError) as exc:
         print(f"{STAGE}: {exc}", file=sys.stderr)
         return 1
-    if not args.no_mlflow:
-        log_to_mlflow(paths, params, result)
     s = result.summary
     print(f"{STAGE}: {s['accepted']} of {s['files']} files accepted ({s['patients']} patients, {s['pairs']} pair keys); "
           f"{s['rejected']} rejected, reasons in {paths.rejected}")

@@ -21,7 +21,7 @@ from virtual_biopsy.data.preprocess import (
     write_processed,
 )
 from virtual_biopsy.data.sources import SourcesError, source_files
-from virtual_biopsy.stages.common import stage_inputs, stage_parser
+from virtual_biopsy.stages.common import open_stage_run, stage_inputs, stage_parser
 
 STAGE = "preprocess"
 
@@ -33,11 +33,8 @@ def run_preprocess(paths: ProjectPaths, params: Params) -> dict:
     return write_processed(manifest, sources, params.preprocess, paths)
 
 
-def log_to_mlflow(paths: ProjectPaths, params: Params, summary: dict) -> None:
-    from virtual_biopsy.mlops import tracking
-
-    with tracking.stage_run(STAGE, root=paths.root, params=params) as run:
-        run.log_metrics({f"preprocess.{k}": float(v) for k, v in summary.items()})
+def log_to_mlflow(run, summary: dict) -> None:
+    run.log_metrics({f"preprocess.{k}": float(v) for k, v in summary.items()})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,12 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths, params = stage_inputs(args)
-        summary = run_preprocess(paths, params)
+        with open_stage_run(STAGE, paths, params, args) as run:
+            summary = run_preprocess(paths, params)
+            log_to_mlflow(run, summary)
     except (ConfigError, PreprocessError, SourcesError, IngestError) as exc:
         print(f"{STAGE}: {exc}", file=sys.stderr)
         return 1
-    if not args.no_mlflow:
-        log_to_mlflow(paths, params, summary)
     print(f"{STAGE}: {summary['images']} images at {summary['image_size']} px in {summary['seconds']} s "
           f"-> {paths.processed_images}")
     return 0

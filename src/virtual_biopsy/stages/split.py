@@ -18,7 +18,7 @@ from virtual_biopsy.core.atomic import write_csv, write_json
 from virtual_biopsy.core.config import ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.splits import FoldCheck, SplitError, check_folds, make_folds
-from virtual_biopsy.stages.common import stage_inputs, stage_parser
+from virtual_biopsy.stages.common import open_stage_run, stage_inputs, stage_parser
 
 STAGE = "split"
 
@@ -60,14 +60,10 @@ def run_split(paths: ProjectPaths, params: Params) -> dict:
     return summary
 
 
-def log_to_mlflow(paths: ProjectPaths, params: Params, summary: dict) -> None:
-    from virtual_biopsy.mlops import tracking
-
-    out = split_reports_dir(paths)
-    with tracking.stage_run(STAGE, root=paths.root, params=params) as run:
-        run.log_metrics({f"split.{k}": float(v) for k, v in summary.items()})
-        run.log_artifact(out / "fold_counts.csv", "split")
-        run.log_artifact(paths.splits, "split")
+def log_to_mlflow(run, paths: ProjectPaths, summary: dict) -> None:
+    run.log_metrics({f"split.{k}": float(v) for k, v in summary.items()})
+    run.log_artifact(split_reports_dir(paths) / "fold_counts.csv", "split")
+    run.log_artifact(paths.splits, "split")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths, params = stage_inputs(args)
-        summary = run_split(paths, params)
+        with open_stage_run(STAGE, paths, params, args) as run:
+            summary = run_split(paths, params)
+            log_to_mlflow(run, paths, summary)
     except (ConfigError, SplitError, FileNotFoundError, pd.errors.ParserError) as exc:
         print(f"{STAGE}: {exc}", file=sys.stderr)
         return 1
-    if not args.no_mlflow:
-        log_to_mlflow(paths, params, summary)
     print(f"{STAGE}: {summary['folds']} folds over {summary['patients']} patients, leakage {summary['leakage']}; "
           f"mean shares train/val/test {summary['share_train']}/{summary['share_val']}/{summary['share_test']}")
     return 0

@@ -72,7 +72,7 @@ from virtual_biopsy.evaluation.scoring import (
 )
 from virtual_biopsy.models.classifiers import WeightsFileError, build_classifier
 from virtual_biopsy.models.weights import save_classifier_weights
-from virtual_biopsy.stages.common import stage_inputs, stage_parser
+from virtual_biopsy.stages.common import relative, stage_inputs, stage_parser
 from virtual_biopsy.training import distributed
 from virtual_biopsy.training.checkpoint import discard_stale_checkpoint, inputs_key
 from virtual_biopsy.training.classifier_trainer import (
@@ -119,6 +119,23 @@ class FoldOutcome:
     predictions: pd.DataFrame
     val: dict[str, float]
     test: dict[str, float]
+
+
+def log_fold_inputs(run, paths: ProjectPaths, params: Params, which: Classifier, fold: int,
+                    real: dict[str, pd.DataFrame], synthetic: dict[str, pd.DataFrame]) -> None:
+    """The fold run's hyperparameters (the classifier section) and, as MLflow datasets, the image
+    tables it trains, early-stops and is scored on (real; synthetic CESM it is also scored on)."""
+    from virtual_biopsy.mlops import tracking
+
+    run.log_params(tracking.section_params(params, "classifier"))
+    where = {"fold": fold, "folds": relative(paths.splits, paths.root)}
+    run.log_tables(real, name=f"{which.modality}-{which.view} fold {fold}", targets="y",
+                   source={"table": relative(paths.processed_index, paths.root),
+                           "images": relative(paths.processed_images, paths.root), **where})
+    run.log_tables({k: v for k, v in synthetic.items() if k in SCORED_SUBSETS}, targets="y",
+                   name=f"synthetic {which.modality}-{which.view} fold {fold}",
+                   source={"table": relative(paths.imputed_index, paths.root),
+                           "images": relative(paths.imputed_images, paths.root), **where})
 
 
 def _epoch_logger(run, images: np.ndarray, val: pd.DataFrame, batch_size: int, device: str, fold: int,
@@ -225,6 +242,7 @@ def run_train_classifier(paths: ProjectPaths, params: Params, arch: str, modalit
             real_parts = split_images(real, patients, fold, require=SUBSETS)
             synthetic_parts = split_images(synthetic, patients, fold, require=())
             with run.child(f"{which.label} fold {fold}", tags={**which.tags, "fold": fold}) as fold_run:
+                log_fold_inputs(fold_run, paths, params, which, fold, real_parts, synthetic_parts)
                 outcomes.append(train_fold(paths, params, which, fold, images, real_parts, synthetic_parts, imputed,
                                            fold_run, device, epoch_callback, staged))
         summary = {**which.tags, **summarize_classifier_folds(outcomes)}

@@ -74,7 +74,7 @@ from virtual_biopsy.evaluation.scoring import (
 )
 from virtual_biopsy.models.cyclegan import ResnetGenerator
 from virtual_biopsy.models.weights import save_generator_weights
-from virtual_biopsy.stages.common import stage_inputs, stage_parser
+from virtual_biopsy.stages.common import relative, stage_inputs, stage_parser
 from virtual_biopsy.training import distributed
 from virtual_biopsy.training.datasets import (
     derive_seed,
@@ -101,6 +101,19 @@ class FoldOutcome:
     val_ssim: float
     test_pairs: pd.DataFrame
     test_synthetic: np.ndarray
+
+
+def log_fold_inputs(run, paths: ProjectPaths, params: Params, view: str, fold: int,
+                    subsets: dict[str, pd.DataFrame]) -> None:
+    """The fold run's hyperparameters (the generator section) and, as MLflow datasets, the LE/DES
+    pair tables it trains, early-stops and is tested on."""
+    from virtual_biopsy.mlops import tracking
+
+    run.log_params(tracking.section_params(params, "generator"))
+    run.log_tables(subsets, name=f"LE/DES {view} pairs fold {fold}", targets="label",
+                   source={"table": relative(paths.processed_index, paths.root),
+                           "images": relative(paths.processed_images, paths.root),
+                           "folds": relative(paths.splits, paths.root), "fold": fold})
 
 
 def _epoch_logger(run, images: np.ndarray, val_pairs: pd.DataFrame, cfg: GeneratorConfig, device: str):
@@ -216,6 +229,7 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
         for fold in sorted(int(k) for k in folds["fold"].unique()):
             subsets = fold_subsets(pairs, folds, fold)
             with run.child(f"fold-{fold}", tags={"view": view, "fold": fold}) as fold_run:
+                log_fold_inputs(fold_run, paths, params, view, fold, subsets)
                 outcomes.append(train_fold(paths, params, view, fold, images, subsets, fold_run, device, staged))
         state, serving = serving_generator(paths, params, view, images, pairs, folds, outcomes, device)
         if not main_process:

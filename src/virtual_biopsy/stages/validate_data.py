@@ -25,7 +25,7 @@ from virtual_biopsy.data.quality import (
     image_stats,
     validate,
 )
-from virtual_biopsy.stages.common import stage_inputs, stage_parser
+from virtual_biopsy.stages.common import open_stage_run, stage_inputs, stage_parser
 
 STAGE = "validate_data"
 
@@ -57,17 +57,24 @@ def run_validation(paths: ProjectPaths, params: Params) -> QualityReport:
     return report
 
 
-def log_to_mlflow(paths: ProjectPaths, params: Params, report: QualityReport) -> None:
-    """Stage run: metrics, results and Data Docs; parent run: the verdict (the gate reads it there)."""
+def quality_metrics(report: QualityReport) -> dict[str, float]:
+    return {f"data_quality.{k}": float(v) for k, v in report.metrics().items()}
+
+
+def log_to_mlflow(run, paths: ProjectPaths, report: QualityReport) -> None:
+    """Stage run: metrics, results and Data Docs."""
+    out = validation_dir(paths)
+    run.log_metrics(quality_metrics(report))
+    run.log_artifact(out / "results.json", "validation")
+    run.log_artifacts(out / "data_docs", "validation/data_docs")
+
+
+def log_verdict_to_parent(paths: ProjectPaths, params: Params, report: QualityReport) -> None:
+    """Parent run: the verdict and its metrics (the gate reads them there)."""
     from virtual_biopsy.mlops import tracking
 
     out = validation_dir(paths)
-    metrics = {f"data_quality.{k}": float(v) for k, v in report.metrics().items()}
-    with tracking.stage_run(STAGE, root=paths.root, params=params) as run:
-        run.log_metrics(metrics)
-        run.log_artifact(out / "results.json", "validation")
-        run.log_artifacts(out / "data_docs", "validation/data_docs")
-    tracking.log_to_parent(paths.root, params, metrics=metrics,
+    tracking.log_to_parent(paths.root, params, metrics=quality_metrics(report),
                            tags={"data_quality": "passed" if report.passed else "failed"},
                            artifacts={"validation": out / "results.json"})
 
@@ -77,12 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths, params = stage_inputs(args)
-        report = run_validation(paths, params)
+        with open_stage_run(STAGE, paths, params, args) as run:
+            report = run_validation(paths, params)
+            log_to_mlflow(run, paths, report)
     except (ConfigError, QualityError, FileNotFoundError, pd.errors.ParserError) as exc:
         print(f"{STAGE}: {exc}", file=sys.stderr)
         return 1
     if not args.no_mlflow:
-        log_to_mlflow(paths, params, report)
+        log_verdict_to_parent(paths, params, report)
     metrics = report.metrics()
     print(f"{STAGE}: {metrics['passed']}/{metrics['evaluated']} expectations passed, "
           f"{metrics['warning_failed']} warning(s); Data Docs: {validation_dir(paths) / 'data_docs' / 'index.html'}")
