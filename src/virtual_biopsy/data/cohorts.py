@@ -13,11 +13,13 @@ be disjoint, so no test patient ever reaches training, early stopping or the fus
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from virtual_biopsy.core.atomic import restore_interrupted_swap
+from virtual_biopsy.core.config import ARCHITECTURES, MODALITIES, VIEWS
 from virtual_biopsy.core.paths import ProjectPaths
 
 BIOPSY_LABELS = {"malignant": 1, "benign": 0}
@@ -27,6 +29,7 @@ VIRTUAL_BIOPSY_PHASE = "early"
 
 
 SUBSETS = ("train", "val", "test")
+SCORED_SUBSETS = ("val", "test")  # a classifier is scored on its val and test patients
 
 
 # Columns an image table carries through this stage (besides the array row).
@@ -217,3 +220,26 @@ def read_folds(paths: ProjectPaths) -> pd.DataFrame:
 def read_imputed_index(paths: ProjectPaths) -> pd.DataFrame:
     require_inputs([(paths.imputed_images, "impute"), (paths.imputed_index, "impute")])
     return pd.read_csv(paths.imputed_index, dtype=TEXT_COLUMNS, keep_default_na=False)
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """Which f_{m,v}: architecture, modality and view (checked against the known ones)."""
+
+    arch: str
+    modality: str
+    view: str
+
+    def __post_init__(self) -> None:
+        for value, allowed, name in ((self.arch, ARCHITECTURES, "architecture"),
+                                     (self.modality, MODALITIES, "modality"), (self.view, VIEWS, "view")):
+            if value not in allowed:
+                raise CohortError(f"unknown {name} {value!r}; choose from {allowed}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.arch} {self.modality}-{self.view}"
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {"arch": self.arch, "modality": self.modality, "view": self.view}

@@ -86,3 +86,23 @@ def summarize_generator_folds(view: str, outcomes, serving: dict) -> dict:
     stats = {k: metrics.mean_and_sem([f[k] for f in per_fold]) for k in keys}
     return {"view": view, "folds": per_fold, "mean": {k: v[0] for k, v in stats.items()},
             "sem": {k: v[1] for k, v in stats.items()}, "serving": serving}
+
+
+def score_classifier_fold(model, images: np.ndarray, imputed: np.ndarray | None, real: dict[str, pd.DataFrame],
+                          synthetic: dict[str, pd.DataFrame], arch: str, fold: int, batch_size: int, device: str
+                          ) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
+    """One fold's classifier on its val and test images: the prediction rows (real, and imputed CESM
+    when given) and per-subset lesion-level scores (``auc``, ``mcc``, ``gmean``, ``*_synthetic``)."""
+    from virtual_biopsy.data.cohorts import SCORED_SUBSETS
+    from virtual_biopsy.training.classifier_trainer import predict_proba
+
+    parts, scores = [], {}
+    for subset in SCORED_SUBSETS:
+        p = predict_proba(model, images, real[subset]["row"].to_numpy(), batch_size, device)
+        parts.append(prediction_rows(real[subset], p, arch, fold, subset))
+        scores[subset] = score_metrics(real[subset], p)
+        if imputed is not None and not synthetic[subset].empty:
+            p_syn = predict_proba(model, imputed, synthetic[subset]["row"].to_numpy(), batch_size, device)
+            parts.append(prediction_rows(synthetic[subset], p_syn, arch, fold, subset))
+            scores[subset].update({f"{k}_synthetic": v for k, v in score_metrics(synthetic[subset], p_syn).items()})
+    return pd.concat(parts, ignore_index=True), scores

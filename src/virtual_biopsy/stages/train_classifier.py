@@ -53,7 +53,9 @@ from virtual_biopsy.core.config import (
 )
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.cohorts import (
+    SCORED_SUBSETS,
     SUBSETS,
+    Classifier,
     CohortError,
     biopsy_images,
     check_single_input,
@@ -66,7 +68,7 @@ from virtual_biopsy.data.cohorts import (
 )
 from virtual_biopsy.evaluation.predictions import predictions_path
 from virtual_biopsy.evaluation.scoring import (
-    prediction_rows,
+    score_classifier_fold,
     score_metrics,
     summarize_classifier_folds,
 )
@@ -88,28 +90,10 @@ from virtual_biopsy.training.datasets import (
 from virtual_biopsy.training.loop import EpochState, resolve_device
 
 STAGE = "train_classifier"
-SCORED_SUBSETS = ("val", "test")
 
 FoldEpochCallback = Callable[[int, int, dict[str, float]], None]
 """``(fold, epoch, metrics)`` after each epoch's checkpoint is saved; raising stops training
 (a time budget, Optuna pruning) and the next run of the stage resumes from that checkpoint."""
-
-
-@dataclass(frozen=True)
-class Classifier:
-    """Which f_{m,v} this stage trains."""
-
-    arch: str
-    modality: str
-    view: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.arch} {self.modality}-{self.view}"
-
-    @property
-    def tags(self) -> dict[str, str]:
-        return {"arch": self.arch, "modality": self.modality, "view": self.view}
 
 
 @dataclass
@@ -180,15 +164,8 @@ def train_fold(paths: ProjectPaths, params: Params, which: Classifier, fold: int
         weights = staged_path(weights, paths.classifier_dir(which.arch, which.modality, which.view), out_dir)
         save_classifier_weights(weights, result.state, arch=which.arch, modality=which.modality, view=which.view,
                                 fold=fold, image_size=int(images.shape[1]), best_epoch=result.best_epoch)
-    parts, scores = [], {}
-    for subset in SCORED_SUBSETS:
-        p = predict_proba(model, images, real[subset]["row"].to_numpy(), cfg.batch_size, device)
-        parts.append(prediction_rows(real[subset], p, which.arch, fold, subset))
-        scores[subset] = score_metrics(real[subset], p)
-        if imputed is not None and not synthetic[subset].empty:
-            p_syn = predict_proba(model, imputed, synthetic[subset]["row"].to_numpy(), cfg.batch_size, device)
-            parts.append(prediction_rows(synthetic[subset], p_syn, which.arch, fold, subset))
-            scores[subset].update({f"{k}_synthetic": v for k, v in score_metrics(synthetic[subset], p_syn).items()})
+    predictions, scores = score_classifier_fold(model, images, imputed, real, synthetic, which.arch, fold,
+                                                cfg.batch_size, device)
     run.log_params({**which.tags, "fold": fold, "seed": seed, "image_size": images.shape[1],
                     **{f"images_{k}": len(v) for k, v in real.items()},
                     **{f"synthetic_images_{k}": len(v) for k, v in synthetic.items() if k in SCORED_SUBSETS}})
@@ -196,15 +173,7 @@ def train_fold(paths: ProjectPaths, params: Params, which: Classifier, fold: int
                      "epochs_run": result.epochs_run,
                      **{f"{subset}_{k}": v for subset, s in scores.items() for k, v in s.items()}})
     run.log_artifact(weights, "weights")
-    return FoldOutcome(fold, result, pd.concat(parts, ignore_index=True), scores["val"], scores["test"])
-
-
-def check_classifier(arch: str, modality: str, view: str) -> Classifier:
-    for value, allowed, name in ((arch, ARCHITECTURES, "architecture"), (modality, MODALITIES, "modality"),
-                                 (view, VIEWS, "view")):
-        if value not in allowed:
-            raise CohortError(f"unknown {name} {value!r}; choose from {allowed}")
-    return Classifier(arch, modality, view)
+    return FoldOutcome(fold, result, predictions, scores["val"], scores["test"])
 
 
 def run_train_classifier(paths: ProjectPaths, params: Params, arch: str, modality: str, view: str,
@@ -216,7 +185,7 @@ def run_train_classifier(paths: ProjectPaths, params: Params, arch: str, modalit
     """
     from virtual_biopsy.mlops import tracking
 
-    which = check_classifier(arch, modality, view)
+    which = Classifier(arch, modality, view)
     try:
         resolved = resolve_device(device)
     except (ValueError, RuntimeError) as exc:  # unknown device string, or CUDA asked for but absent
