@@ -86,11 +86,11 @@ def test_mlproject_has_an_entry_per_stage_pipeline_tune_and_predict():
     project = yaml.safe_load((REPO / "MLproject").read_text())
     entries = project["entry_points"]
     for stage in STAGES:
-        assert entries[stage]["command"].startswith(f"python -m virtual_biopsy.stages.{stage} ")
+        assert entries[stage]["command"].startswith(f"sh scripts/python.sh -m virtual_biopsy.stages.{stage} ")
         assert entries[stage]["parameters"]["root"]["type"] == "path"
-    assert entries["main"]["command"].startswith("dvc repro")
-    assert entries["tune"]["command"].startswith("vbiopsy tune")
-    assert entries["predict"]["command"].startswith("vbiopsy predict")
+    assert entries["main"]["command"].startswith("sh scripts/python.sh -m dvc repro")
+    assert entries["tune"]["command"].startswith("sh scripts/python.sh -m virtual_biopsy.cli tune")
+    assert entries["predict"]["command"].startswith("sh scripts/python.sh -m virtual_biopsy.cli predict")
     for name, entry in entries.items():
         for param, spec in (entry.get("parameters") or {}).items():
             kind = spec if isinstance(spec, str) else spec["type"]

@@ -49,7 +49,8 @@ def tiny_params(**overrides: dict) -> dict:
 def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 900) -> str:
     """Run a command in ``cwd``; fail the test with its output when it fails."""
     full_env = {**os.environ, **(env or {})}
-    full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"  # dvc.yaml's `python` is this venv's
+    # the copy has no .venv: scripts/python.sh falls back to python3 on PATH, this venv's
+    full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
     done = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
@@ -63,6 +64,8 @@ def make_tiny_project(root: Path, **param_overrides: dict) -> Path:
 
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "python.sh", root / "scripts" / "python.sh")  # every stage's launcher
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = tiny_params(**param_overrides)
     (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
