@@ -1,9 +1,9 @@
 """A tiny copy of the project on which the real `dvc repro` runs end to end (tests only).
 
-The copy holds the repo's dvc.yaml and src/ (the stages' code dependencies), a params.yaml with
-tiny sizes layered over the real one, and a dataset made by the project's own generator. It is a
-git + DVC repository of its own, so `dvc repro`, `dvc status` and the git/data version tags of the
-MLflow runs behave as in a user's clone.
+The copy holds the repo's dvc.yaml, its plot templates (.dvc/plots) and src/ (the stages' code
+dependencies), a params.yaml with tiny sizes layered over the real one, and a dataset made by the
+project's own generator. It is a git + DVC repository of its own, so `dvc repro`, `dvc status`,
+`dvc plots show` and the git/data version tags of the MLflow runs behave as in a user's clone.
 """
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ def make_tiny_project(root: Path, **param_overrides: dict) -> Path:
         root)
     run([str(BIN / "dvc"), "init", "-q"], root)
     run([str(BIN / "dvc"), "config", "core.analytics", "false"], root)
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")  # dvc.yaml's plot templates
     run([str(BIN / "dvc"), "add", "-q", "data/raw"], root)
     (root / "data" / "raw.dvc").rename(root / "data.dvc")
     text = (root / "data.dvc").read_text().replace("path: raw", "path: data/raw")

@@ -1,0 +1,118 @@
+"""Pipeline state is reproducible: same code, params and data, same dvc.lock, committed reports
+and honest ``git_commit`` tags, whichever MLflow store the run logs to.
+
+The fresh-clone check commits the session's tiny pipeline run (tests/tiny_pipeline.py) the way the
+project commits a run (dvc.lock and the reports git tracks), clones it, and reruns every stage
+with `dvc repro` in the clone against a fresh MLflow store. Registry version numbers, which
+differ between stores, live in MLflow only, so nothing may differ except RUN_SPECIFIC.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from tiny_pipeline import BIN, REPO, repro, run
+
+from virtual_biopsy.mlops import tracking
+
+# Outputs whose bytes differ from run to run, by design (README, "Results"): great-expectations'
+# Data Docs pages carry the validation's run time, a random data-context id and random element ids.
+RUN_SPECIFIC = {"reports/validation/data_docs"}
+GIT = ["git", "-c", "user.email=t@example.org", "-c", "user.name=test"]
+
+
+def _git(root, *args: str) -> str:
+    return subprocess.run([*GIT, *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
+
+def _out_hashes(lock: dict) -> dict[tuple[str, str], str]:
+    return {(stage, out["path"]): out.get("md5") for stage, entry in lock["stages"].items()
+            for out in entry.get("outs", [])}
+
+
+def _without_run_specific(lock: dict) -> dict:
+    """dvc.lock with the hashes of RUN_SPECIFIC outputs (as outs or as deps) blanked."""
+    def blank(entry: dict) -> dict:
+        return {**entry, "md5": None, "size": None, "nfiles": None} if entry["path"] in RUN_SPECIFIC else entry
+
+    return {stage: {**entry, **{kind: [blank(e) for e in entry[kind]] for kind in ("deps", "outs") if kind in entry}}
+            for stage, entry in lock["stages"].items()}
+
+
+def test_git_commit_is_dirty_for_code_and_params_but_not_for_pipeline_outputs(tmp_path):
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")  # the real pipeline: its outs are what is excluded
+    files = {"params.yaml": "seed: 1\n", "src/code.py": "x = 1\n", "dvc.lock": "schema: '2.0'\n",
+             "data.dvc": "outs: []\n", ".gitignore": "/models/\n", "reports/metrics.json": "{}\n",
+             "reports/generator/CC.json": "{}\n", "reports/validation/metrics.json": "{}\n"}
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    _git(root, "init", "-q")
+    _git(root, "add", ".")
+    _git(root, "commit", "-q", "-m", "state")
+    head = _git(root, "rev-parse", "HEAD").strip()
+    assert tracking.git_commit(root) == head
+
+    # What dvc repro does to a clean checkout: deletes an output before its stage, rewrites
+    # outputs, dvc.lock, *.dvc and .gitignore, and (core.autostage) stages some of them.
+    (root / "reports/metrics.json").unlink()
+    (root / "reports/generator/CC.json").write_text('{"mean": {}}\n')
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    (root / "data.dvc").write_text("outs: [{md5: abc}]\n")
+    (root / ".gitignore").write_text("/models/\n/manifest.csv\n")
+    _git(root, "add", "dvc.lock", ".gitignore")
+    assert tracking.git_commit(root) == head
+
+    (root / "params.yaml").write_text("seed: 2\n")
+    assert tracking.git_commit(root) == f"{head}+dirty"
+    _git(root, "checkout", "-q", "--", "params.yaml")
+    (root / "src/code.py").write_text("x = 2\n")
+    _git(root, "add", "src/code.py")
+    assert tracking.git_commit(root) == f"{head}+dirty"
+
+
+def test_pipeline_output_pathspecs_cover_templated_stage_outputs():
+    specs = tracking.pipeline_output_pathspecs(REPO)
+    for path in ("reports/generator/*.json", "models/generator/*", "reports/evaluation", "reports/gate.json",
+                 "outputs/predictions/*/*_*.csv", "reports/validation/data_docs"):
+        assert f":(exclude,glob){path}" in specs, path
+    assert not any("src/" in spec or "params.yaml" in spec for spec in specs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # a second whole pipeline run
+def test_a_fresh_clone_reproduces_the_committed_dvc_lock_and_reports(tiny_pipeline_run, tmp_path):
+    first = tiny_pipeline_run
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(first), str(clone)], tmp_path)
+    # Commit the run as the project does: dvc.lock and the reports git tracks (its metrics files).
+    committed = ["dvc.lock", *(p for p in _git(REPO, "ls-files", "reports").split() if (first / p).is_file())]
+    assert "reports/generator/CC.json" in committed and "reports/metrics.json" in committed
+    for rel in committed:
+        (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(first / rel, clone / rel)
+    _git(clone, "add", *committed)
+    _git(clone, "commit", "-q", "-m", "pipeline run")
+    shutil.copytree(first / "data" / "raw", clone / "data" / "raw")  # what `dvc pull data.dvc` brings
+
+    repro(clone)  # no cache, no outputs: every stage runs, logging to the clone's own fresh store
+
+    before, after = (yaml.safe_load((root / "dvc.lock").read_text()) for root in (first, clone))
+    differing = sorted(key for key, md5 in _out_hashes(after).items() if _out_hashes(before).get(key) != md5)
+    assert {path for _, path in differing} <= RUN_SPECIFIC, differing
+    assert _without_run_specific(after) == _without_run_specific(before)
+    # Every committed report is rewritten byte for byte (registry versions are not in them) and
+    # dvc.lock differs at most in the run-specific outputs' hashes.
+    changed = [line[3:] for line in _git(clone, "status", "--porcelain", "--untracked-files=no").splitlines()]
+    assert set(changed) <= {"dvc.lock"}, changed
+
+    # DVC deleted and rewrote the committed reports while the stages ran: still not "dirty".
+    client = tracking.get_client(clone)
+    runs = client.search_runs([tracking.experiment_id(client, clone)], max_results=1000)
+    head = _git(clone, "rev-parse", "HEAD").strip()
+    assert runs and {r.data.tags.get("git_commit") for r in runs if "git_commit" in r.data.tags} == {head}
+    assert run([str(BIN / "dvc"), "status", "--json"], clone).strip().splitlines()[-1] == "{}"
