@@ -33,7 +33,8 @@ demo: install  ## set up, synthesise the embedded dataset if missing, dvc repro,
 retrain: install  ## what CI's retraining workflow does: pull, repro, gate, push, diff against main
 	@bash scripts/retrain.sh
 
-ui: install  ## open the MLflow UI on the embedded store
+ui: install  ## serve the MLflow UI on the embedded store (prints the pages to open, in model-training mode)
+	@MLFLOW_TRACKING_URI= $(BIN)/vbiopsy pipeline links
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000
 
 plots: install  ## dvc plots show: ROC per setting, Figures 3-5 in dvc_plots/index.html (works offline)

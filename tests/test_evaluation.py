@@ -194,7 +194,7 @@ def test_stage_writes_every_report_and_logs_tagged_runs(project: Path, monkeypat
     params = tagged[0].data.params
     assert params["arch"] == "vgg16" and params["setting"] == "F+Ĉ" and params["modalities"] == "FFDM+CESM"
     assert params["cesm_images"] == "imputed" and params["synthetic_share"] == "100"
-    assert "eq. 8" in params["fusion_rule"] and "vgg16/CESM_MLO" in params["fusion_weights_source"]
+    assert params["fusion"] == "views, then modalities" and "vgg16/CESM_MLO" in params["weights_source"]
     probabilities = pd.read_csv(out / "test_probabilities.csv")
     assert int(params["test_lesions"]) == ((probabilities["arch"] == "vgg16") & (probabilities["setting"] == "F+Ĉ")).sum()
     inputs = {d.dataset.name: {t.key: t.value for t in d.tags}["mlflow.data.context"]

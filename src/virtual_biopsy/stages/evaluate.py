@@ -18,12 +18,23 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from virtual_biopsy import evaluation as ev
-from virtual_biopsy.core.atomic import atomic_dir, atomic_path, write_csv, write_json, write_text
+from virtual_biopsy.core.atomic import (
+    atomic_dir,
+    atomic_path,
+    write_csv,
+    write_json,
+    write_text,
+)
 from virtual_biopsy.core.config import ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.evaluation import figures
 from virtual_biopsy.evaluation.settings import SETTING_SLUGS, SETTING_SYNTHETIC_SHARE
-from virtual_biopsy.stages.common import open_stage_run, relative, stage_inputs, stage_parser
+from virtual_biopsy.stages.common import (
+    open_stage_run,
+    relative,
+    stage_inputs,
+    stage_parser,
+)
 
 STAGE = "evaluate"
 METRIC_NAMES = ("auc", "gmean", "mcc")
@@ -118,7 +129,11 @@ def _setting_tags(arch: str, setting: str, share: int | None) -> dict[str, objec
 
 
 def setting_params(result: EvaluationResult, params: Params, arch: str, setting: str) -> dict[str, object]:
-    """What one setting run is computed from: the classifiers fused, how, with which weights, on what."""
+    """What one setting run is computed from: the classifiers fused, how, with which weights, on what.
+
+    The short keys that tell settings apart (cesm_images, fusion, modalities) sort first: MLflow's
+    run comparison plots the first three params that differ.
+    """
     inputs = SETTING_TEST_INPUTS[setting]
     modalities = list(dict.fromkeys(m for m, _ in inputs))
     cesm = sorted({source for m, source in inputs if m == "CESM"})
@@ -128,10 +143,10 @@ def setting_params(result: EvaluationResult, params: Params, arch: str, setting:
         "views": "+".join(params.classifier.views),
         "cesm_images": "+".join("imputed" if s == "synthetic" else s for s in cesm) or "none",
         "synthetic_share": "0-100" if share is None and cesm else ("n/a" if share is None else share),
-        "fusion_rule": ("MCC-weighted late fusion over views (eq. 7)" if len(modalities) == 1 else
-                        "MCC-weighted late fusion over views (eq. 7), then modalities (eq. 8)"),
-        "fusion_weights": "validation MCC per fold (real images only); <= 0 or undefined counts 0, all 0: mean",
-        "fusion_weights_source": "val predictions of " + ", ".join(
+        "fusion": "views" if len(modalities) == 1 else "views, then modalities",
+        "fusion_rule": "MCC-weighted late fusion: eq. 7 over views, eq. 8 over modalities; weight = validation "
+                       "MCC of the fold, <= 0 or undefined counts 0, all 0: plain mean",
+        "weights_source": "val predictions (real images) of " + ", ".join(
             f"{arch}/{m}_{v}" for m in modalities for v in params.classifier.views),
         "test_predictions": ", ".join(f"{arch}/{m}_{v} {source}" for m, source in inputs
                                       for v in params.classifier.views),
