@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,23 +45,3 @@ def open_stage_run(stage: str, paths: ProjectPaths, params: Params, args: argpar
 def relative(path: Path, root: Path) -> str:
     """``path`` relative to the project root, POSIX style (how runs name the files they read)."""
     return Path(os.path.relpath(path, root)).as_posix()
-
-
-def run_stage(stage: str, doc: str | None, argv: list[str] | None, work: Callable[[ProjectPaths, Params, Any], Any],
-              errors: tuple[type[BaseException], ...],
-              done: Callable[[ProjectPaths, Params, argparse.Namespace, Any], int]) -> int:
-    """The shape of a stage's ``main``: parse the common options, load params, open the stage's run,
-    ``work(paths, params, run)`` inside it, then ``done(paths, params, args, result)`` (prints the
-    summary line, returns the exit code). An expected error (``errors``, and bad params) is one
-    line naming the stage, exit 1."""
-    from virtual_biopsy.core.config import ConfigError
-
-    args = stage_parser(stage, doc).parse_args(argv)
-    try:
-        paths, params = stage_inputs(args)
-        with open_stage_run(stage, paths, params, args) as run:
-            result = work(paths, params, run)
-    except (ConfigError, *errors) as exc:
-        print(f"{stage}: {exc}", file=sys.stderr)
-        return 1
-    return done(paths, params, args, result)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from virtual_biopsy.core.config import Params
+from virtual_biopsy.core.config import ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.ingest import (
     IngestError,
@@ -20,7 +20,7 @@ from virtual_biopsy.data.ingest import (
     summary_path,
     write_outputs,
 )
-from virtual_biopsy.stages.common import run_stage
+from virtual_biopsy.stages.common import open_stage_run, stage_inputs, stage_parser
 
 STAGE = "ingest"
 
@@ -44,21 +44,22 @@ def log_to_mlflow(run, paths: ProjectPaths, params: Params, result: IngestResult
         run.log_artifact(contact_sheet, STAGE)
 
 
-def _ingest(paths: ProjectPaths, params: Params, run) -> IngestResult:
-    result = run_ingest(paths, params)
-    log_to_mlflow(run, paths, params, result)
-    return result
-
-
-def _report(paths: ProjectPaths, params: Params, args, result: IngestResult) -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser(STAGE, __doc__)
+    args = parser.parse_args(argv)
+    try:
+        paths, params = stage_inputs(args)
+        with open_stage_run(STAGE, paths, params, args) as run:
+            result = run_ingest(paths, params)
+            log_to_mlflow(run, paths, params, result)
+    except (ConfigError, IngestError) as exc:
+        print(f"{STAGE}: {exc}", file=sys.stderr)
+        return 1
     s = result.summary
     print(f"{STAGE}: {s['accepted']} of {s['files']} files accepted ({s['patients']} patients, {s['pairs']} pair keys); "
           f"{s['rejected']} rejected, reasons in {paths.rejected}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    return run_stage(STAGE, __doc__, argv, _ingest, (IngestError,), _report)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from virtual_biopsy.core.config import Params
+from virtual_biopsy.core.config import ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.ingest import IngestError
 from virtual_biopsy.data.preprocess import (
@@ -21,7 +21,7 @@ from virtual_biopsy.data.preprocess import (
     write_processed,
 )
 from virtual_biopsy.data.sources import SourcesError, source_files
-from virtual_biopsy.stages.common import run_stage
+from virtual_biopsy.stages.common import open_stage_run, stage_inputs, stage_parser
 
 STAGE = "preprocess"
 
@@ -37,20 +37,21 @@ def log_to_mlflow(run, summary: dict) -> None:
     run.log_metrics({f"preprocess.{k}": float(v) for k, v in summary.items()})
 
 
-def _preprocess(paths: ProjectPaths, params: Params, run) -> dict:
-    summary = run_preprocess(paths, params)
-    log_to_mlflow(run, summary)
-    return summary
-
-
-def _report(paths: ProjectPaths, params: Params, args, summary: dict) -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser(STAGE, __doc__)
+    args = parser.parse_args(argv)
+    try:
+        paths, params = stage_inputs(args)
+        with open_stage_run(STAGE, paths, params, args) as run:
+            summary = run_preprocess(paths, params)
+            log_to_mlflow(run, summary)
+    except (ConfigError, PreprocessError, SourcesError, IngestError) as exc:
+        print(f"{STAGE}: {exc}", file=sys.stderr)
+        return 1
     print(f"{STAGE}: {summary['images']} images at {summary['image_size']} px in {summary['seconds']} s "
           f"-> {paths.processed_images}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    return run_stage(STAGE, __doc__, argv, _preprocess, (PreprocessError, SourcesError, IngestError), _report)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,10 +15,10 @@ from pathlib import Path
 import pandas as pd
 
 from virtual_biopsy.core.atomic import write_csv, write_json
-from virtual_biopsy.core.config import Params
+from virtual_biopsy.core.config import ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.splits import FoldCheck, SplitError, check_folds, make_folds
-from virtual_biopsy.stages.common import run_stage
+from virtual_biopsy.stages.common import open_stage_run, stage_inputs, stage_parser
 
 STAGE = "split"
 
@@ -66,20 +66,21 @@ def log_to_mlflow(run, paths: ProjectPaths, summary: dict) -> None:
     run.log_artifact(paths.splits, "split")
 
 
-def _split(paths: ProjectPaths, params: Params, run) -> dict:
-    summary = run_split(paths, params)
-    log_to_mlflow(run, paths, summary)
-    return summary
-
-
-def _report(paths: ProjectPaths, params: Params, args, summary: dict) -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser(STAGE, __doc__)
+    args = parser.parse_args(argv)
+    try:
+        paths, params = stage_inputs(args)
+        with open_stage_run(STAGE, paths, params, args) as run:
+            summary = run_split(paths, params)
+            log_to_mlflow(run, paths, summary)
+    except (ConfigError, SplitError, FileNotFoundError, pd.errors.ParserError) as exc:
+        print(f"{STAGE}: {exc}", file=sys.stderr)
+        return 1
     print(f"{STAGE}: {summary['folds']} folds over {summary['patients']} patients, leakage {summary['leakage']}; "
           f"mean shares train/val/test {summary['share_train']}/{summary['share_val']}/{summary['share_test']}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    return run_stage(STAGE, __doc__, argv, _split, (SplitError, FileNotFoundError, pd.errors.ParserError), _report)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from virtual_biopsy.core.atomic import write_json
-from virtual_biopsy.core.config import Params
+from virtual_biopsy.core.config import ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.quality import (
     QualityError,
@@ -25,7 +25,7 @@ from virtual_biopsy.data.quality import (
     image_stats,
     validate,
 )
-from virtual_biopsy.stages.common import run_stage
+from virtual_biopsy.stages.common import open_stage_run, stage_inputs, stage_parser
 
 STAGE = "validate_data"
 
@@ -79,13 +79,17 @@ def log_verdict_to_parent(paths: ProjectPaths, params: Params, report: QualityRe
                            artifacts={"validation": out / "results.json"})
 
 
-def _validate(paths: ProjectPaths, params: Params, run) -> QualityReport:
-    report = run_validation(paths, params)
-    log_to_mlflow(run, paths, report)
-    return report
-
-
-def _report(paths: ProjectPaths, params: Params, args, report: QualityReport) -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser(STAGE, __doc__)
+    args = parser.parse_args(argv)
+    try:
+        paths, params = stage_inputs(args)
+        with open_stage_run(STAGE, paths, params, args) as run:
+            report = run_validation(paths, params)
+            log_to_mlflow(run, paths, report)
+    except (ConfigError, QualityError, FileNotFoundError, pd.errors.ParserError) as exc:
+        print(f"{STAGE}: {exc}", file=sys.stderr)
+        return 1
     if not args.no_mlflow:
         log_verdict_to_parent(paths, params, report)
     metrics = report.metrics()
@@ -98,10 +102,6 @@ def _report(paths: ProjectPaths, params: Params, args, report: QualityReport) ->
         return 1
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    return run_stage(STAGE, __doc__, argv, _validate, (QualityError, FileNotFoundError, pd.errors.ParserError),
-                     _report)
 
 if __name__ == "__main__":
     sys.exit(main())
