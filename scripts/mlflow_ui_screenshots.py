@@ -107,14 +107,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def stop(process: subprocess.Popen) -> None:
+def stop(process: subprocess.Popen, timeout: float = 20.0) -> None:
     """Stop a process started in its own session: its process group, by its PID."""
     if process.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=20)
+        process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
@@ -145,7 +145,7 @@ def mlflow_ui(root: Path, port: int):
                 time.sleep(1)
         yield f"http://127.0.0.1:{port}"
     finally:
-        stop(process)
+        stop(process, timeout=5.0)  # its job runners do not end on SIGTERM; nothing of theirs is needed
 
 
 class Browser:
