@@ -12,21 +12,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from virtual_biopsy.core.config import ConfigError, load_params, params_from_dict
+from virtual_biopsy.core.config import (
+    ConfigError,
+    flatten,
+    load_params,
+    params_from_dict,
+    read_yaml,
+)
 from virtual_biopsy.core.experiments import exp_run_command
-
-
-def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -41,13 +34,13 @@ def profile_overrides(profile_file: Path, params_file: Path) -> dict[str, Any]:
     if not profile_file.exists():
         available = sorted(p.stem for p in profile_file.parent.glob("*.yaml"))
         raise ConfigError(f"{profile_file}: no such profile (available: {available})")
-    override = yaml.safe_load(profile_file.read_text()) or {}
-    base = yaml.safe_load(params_file.read_text()) or {}
+    override = read_yaml(profile_file.read_text()) or {}
+    base = read_yaml(params_file.read_text()) or {}
     try:
         params_from_dict(_merge(base, override))
     except ConfigError as exc:
         raise ConfigError(f"{profile_file}: {exc}") from exc
-    return _flatten(override)
+    return flatten(override)
 
 
 
