@@ -12,7 +12,7 @@ browser profile, and saves PNGs under reports/ui/:
   compare_settings_<arch>.png  MLflow's run comparison of the settings of one architecture (the
                                newest evaluate run's), the whole page: plot, params, metrics
 
-Every page opens in MLflow's model-training mode (tracking.UI_MODE). The browser is driven over
+Every page opens in MLflow's model-training mode (ui_links.UI_MODE). The browser is driven over
 the DevTools protocol on a pipe: the script waits until the page shows the runs it names (and no
 GenAI navigation), closes the assistant panel, expands rows, widens the run-name column and
 ticks metric columns as a user would, then saves the page; a page that never shows what it
@@ -40,7 +40,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from virtual_biopsy.mlops import tracking
+from virtual_biopsy.mlops import tracking, ui_links
 
 WIDTH, HEIGHT = 1600, 1000
 PAGE_TIMEOUT_S = 90.0
@@ -351,7 +351,7 @@ def newest_pipeline(client, experiment_id: str):
 def evaluate_runs(client, experiment_id: str, arch: str) -> list:
     """The evaluate stage's per-setting runs of one architecture, of the newest pipeline run."""
     runs = client.search_runs(
-        [experiment_id], filter_string=f"{tracking.EVALUATE_SETTINGS_FILTER} and tags.arch = '{arch}'",
+        [experiment_id], filter_string=f"{ui_links.EVALUATE_SETTINGS_FILTER} and tags.arch = '{arch}'",
         order_by=["attributes.start_time DESC"], max_results=50,
     )
     latest: dict[str, object] = {}
@@ -389,12 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with mlflow_ui(args.root, free_port()) as base:
             pages = [
-                (runs_all, tracking.runs_link(base, experiment_id),
+                (runs_all, ui_links.runs_link(base, experiment_id),
                  [pipeline.info.run_name, *sorted({r.info.run_name for r in stages})[:3]], out_dir / "runs_all.png"),
-                (runs_of_setting, tracking.runs_link(base, experiment_id, f"tags.setting = '{args.setting}'",
+                (runs_of_setting, ui_links.runs_link(base, experiment_id, f"tags.setting = '{args.setting}'",
                                                      "metrics.`test_auc`"),
                  sorted({r.info.run_name for r in setting_runs})[:3], out_dir / f"runs_setting_{safe}.png"),
-                (comparison, tracking.compare_runs_link(base, experiment_id, [r.info.run_id for r in runs]),
+                (comparison, ui_links.compare_runs_link(base, experiment_id, [r.info.run_id for r in runs]),
                  [r.info.run_name for r in runs], out_dir / f"compare_settings_{args.arch}.png"),
             ]
             for take, url, names, out in pages:

@@ -2,7 +2,7 @@
 
 MLflow 3.17's UI starts every browser in GenAI mode (Overview, Traces, Sessions, "Training runs")
 and ignores the experiment's ``mlflow.experimentKind`` tag; only a ``workflowType`` URL parameter
-(tracking.UI_MODE) switches it. So this starts a real `mlflow ui` on 127.0.0.1 over a small store,
+(ui_links.UI_MODE) switches it. So this starts a real `mlflow ui` on 127.0.0.1 over a small store,
 loads every link `vbiopsy pipeline summary`, the README and the screenshot script print in headless
 Chromium with a new profile each (``--user-data-dir`` a new folder: no localStorage), and reads the
 rendered page (``--dump-dom`` after a virtual-time budget).
@@ -24,7 +24,7 @@ from stack import free_port, stop_process
 
 from virtual_biopsy.cli.main import main as vbiopsy
 from virtual_biopsy.core.config import Params
-from virtual_biopsy.mlops import tracking
+from virtual_biopsy.mlops import tracking, ui_links
 
 pytestmark = pytest.mark.slow
 
@@ -152,7 +152,7 @@ def test_every_printed_link_opens_the_runs_table_in_model_training_mode(store, u
         texts[url] = page_text(url)
         assert_model_training(url, texts[url], "Runs - Experiment", "Run Name")
     # The filtered, metric-ordered links list the runs they name (flat, not folded under a parent).
-    links = tracking.ui_links(store, port=int(ui.rsplit(":", 1)[1]))
+    links = ui_links.ui_links(store, port=int(ui.rsplit(":", 1)[1]))
     text = texts[links["one setting (F+Ĉ, every architecture)"]]
     assert "resnet18 F+Ĉ" in text and "resnet18 F |" not in text, text[:600]
     text = texts[links["settings compared (evaluate, by test AUC)"]]
@@ -164,7 +164,7 @@ def test_run_comparison_link_opens_in_model_training_mode(store, ui):
     client = tracking.get_client(store)
     exp = tracking.experiment_id(client, store)
     runs = client.search_runs([exp], filter_string="tags.setting != ''")
-    url = tracking.compare_runs_link(ui, exp, [r.info.run_id for r in runs])
+    url = ui_links.compare_runs_link(ui, exp, [r.info.run_id for r in runs])
     assert_model_training(url, page_text(url), "Comparing 2 Runs", "resnet18 F+Ĉ")
 
 

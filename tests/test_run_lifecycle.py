@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from virtual_biopsy.core.config import Params
-from virtual_biopsy.mlops import tracking
+from virtual_biopsy.mlops import run_lifecycle, tracking
 
 # A stage as the tests run it: `hold` opens a stage run with a nested run and a forked worker
 # (as a DataLoader with workers would), says READY and sleeps until it is killed; `race` waits
@@ -22,7 +22,7 @@ from virtual_biopsy.mlops import tracking
 SCRIPT = '''
 import multiprocessing, signal, sys, time
 from pathlib import Path
-from virtual_biopsy.mlops import tracking
+from virtual_biopsy.mlops import run_lifecycle, tracking
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's foreground job has it
 root, mode = sys.argv[1], sys.argv[2]
@@ -246,7 +246,7 @@ def test_signal_raises_inside_a_run_and_reaches_the_previous_handler_afterwards(
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(5)  # not reached: the handler raises at the next bytecode
         assert received == [signal.SIGTERM]  # handed on once the runs were closed
-        assert signal.getsignal(signal.SIGTERM) is not tracking._on_signal  # the test's handler is back
+        assert signal.getsignal(signal.SIGTERM) is not run_lifecycle._on_signal  # the test's handler is back
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert tracking.get_client(project).get_run(run.run_id).info.status == "KILLED"

@@ -1,14 +1,21 @@
-"""The paper's evaluation (5.1.2, 5.1.3, 5.3, 6; Tables 3, A1, 4; Figures 4, 5), without I/O side effects.
+"""The paper's evaluation (5.1.2, 5.1.3, 5.2, 5.3, 6; Tables 3, A1, 4; Figures 3, 4, 5) and the cross-validation that produces it.
 
 Modules
     predictions  the predictions / generator-report contracts and their checked readers
     settings     fusion weights from validation, settings F, C, Ĉ, F+C, F+Ĉ on test, scoring
     robustness   the missing-CESM sweep C*, F+C* over shares of synthetic patients
     tables       Table A1, Table 3, Table 4 (ACR), headline metrics
-    figures      Figure 4, Figure 5, ROC curves
+    figures      Figure 3, Figure 4, Figure 5, ROC curves, sample grids
+    scoring      one trained classifier or generator scored on its val/test images; fold summaries
+    generator_cv   train and score one generator fold; choose the serving generator
+    classifier_cv  train, save and score one classifier fold
+    setting_inputs what each setting fuses, as run tags, params and input tables
+    metrics      the paper's formulas (AUC, G-mean, MCC, SSIM, PSNR, MSE)
+    gate_checks  the validation stage's checks of a fused pipeline
 
-The stage ``virtual_biopsy.stages.evaluate`` wires them to files and MLflow. Nothing here trains
-a model, and test predictions only ever meet weights computed from validation predictions.
+The stages (train_generator, train_classifier, evaluate) wire them to files and MLflow. Only the
+two ``*_cv`` modules train (a fold, on its train patients); test predictions only ever meet
+weights computed from validation predictions.
 """
 from virtual_biopsy.evaluation.predictions import (
     PREDICTION_COLUMNS,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from virtual_biopsy.core.config import load_params
 from virtual_biopsy.core.paths import ProjectPaths
-from virtual_biopsy.mlops import tracking
+from virtual_biopsy.mlops import tracking, ui_links
 
 # Files a user looks at first, in reading order (those that exist are listed).
 RESULT_FILES = (
@@ -87,10 +87,10 @@ def summary(args: argparse.Namespace) -> int:
 
 
 def print_ui_links(root: Path) -> None:
-    """The command that serves the MLflow UI and the pages to open (model-training mode, see tracking.UI_MODE)."""
+    """The command that serves the MLflow UI and the pages to open (model-training mode, see ui_links.UI_MODE)."""
     print("\nMLflow UI on these runs:")
-    print(f"  {tracking.ui_command(root)}")
-    for title, url in tracking.ui_links(root).items():
+    print(f"  {ui_links.ui_command(root)}")
+    for title, url in ui_links.ui_links(root).items():
         print(f"  {title}:\n    {url}")
     print()
 

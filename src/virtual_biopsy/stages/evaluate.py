@@ -28,6 +28,12 @@ from virtual_biopsy.core.atomic import (
 from virtual_biopsy.core.config import ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.evaluation import figures
+from virtual_biopsy.evaluation.setting_inputs import (
+    SETTING_TEST_INPUTS,
+    setting_params,
+    setting_tables,
+    setting_tags,
+)
 from virtual_biopsy.evaluation.settings import SETTING_SLUGS, SETTING_SYNTHETIC_SHARE
 from virtual_biopsy.stages.common import (
     open_stage_run,
@@ -38,14 +44,6 @@ from virtual_biopsy.stages.common import (
 
 STAGE = "evaluate"
 METRIC_NAMES = ("auc", "gmean", "mcc")
-SETTING_MODALITY = {"F": "FFDM", "C": "CESM", "Ĉ": "CESM", "F+C": "FFDM+CESM", "F+Ĉ": "FFDM+CESM",
-                    "C*": "CESM", "F+C*": "FFDM+CESM"}
-# The test predictions each setting fuses: (modality, source) of the classifiers' rows. Its fusion
-# weights come from the real validation predictions of the same modalities (settings module).
-SETTING_TEST_INPUTS = {"F": (("FFDM", "real"),), "C": (("CESM", "real"),), "Ĉ": (("CESM", "synthetic"),),
-                       "F+C": (("FFDM", "real"), ("CESM", "real")), "F+Ĉ": (("FFDM", "real"), ("CESM", "synthetic")),
-                       "C*": (("CESM", "real"), ("CESM", "synthetic")),
-                       "F+C*": (("FFDM", "real"), ("CESM", "real"), ("CESM", "synthetic"))}
 
 
 @dataclass(frozen=True)
@@ -123,61 +121,11 @@ def run_evaluation(root: str | Path, params: Params) -> EvaluationResult:
                             predictions, probabilities)
 
 
-def _setting_tags(arch: str, setting: str, share: int | None) -> dict[str, object]:
-    return {"arch": arch, "setting": setting, "modality": SETTING_MODALITY[setting], "view": "CC+MLO",
-            "fold": "all", "synthetic_share": "n/a" if share is None else share}
-
-
-def setting_params(result: EvaluationResult, params: Params, arch: str, setting: str) -> dict[str, object]:
-    """What one setting run is computed from: the classifiers fused, how, with which weights, on what.
-
-    The short keys that tell settings apart (cesm_images, fusion, modalities) sort first: MLflow's
-    run comparison plots the first three params that differ.
-    """
-    inputs = SETTING_TEST_INPUTS[setting]
-    modalities = list(dict.fromkeys(m for m, _ in inputs))
-    cesm = sorted({source for m, source in inputs if m == "CESM"})
-    share = SETTING_SYNTHETIC_SHARE.get(setting)
-    out: dict[str, object] = {
-        "arch": arch, "setting": setting, "modalities": "+".join(modalities),
-        "views": "+".join(params.classifier.views),
-        "cesm_images": "+".join("imputed" if s == "synthetic" else s for s in cesm) or "none",
-        "synthetic_share": "0-100" if share is None and cesm else ("n/a" if share is None else share),
-        "fusion": "views" if len(modalities) == 1 else "views, then modalities",
-        "fusion_rule": "MCC-weighted late fusion: eq. 7 over views, eq. 8 over modalities; weight = validation "
-                       "MCC of the fold, <= 0 or undefined counts 0, all 0: plain mean",
-        "weights_source": "val predictions (real images) of " + ", ".join(
-            f"{arch}/{m}_{v}" for m in modalities for v in params.classifier.views),
-        "test_predictions": ", ".join(f"{arch}/{m}_{v} {source}" for m, source in inputs
-                                      for v in params.classifier.views),
-    }
-    if result.probabilities is not None:
-        rows = result.probabilities[(result.probabilities["arch"] == arch)
-                                    & (result.probabilities["setting"] == setting)]
-        out.update(folds=int(rows["fold"].nunique()), test_lesions=int(len(rows)),
-                   test_lesions_malignant=int((rows["label"] == 1).sum()))
-    return out
-
-
-def setting_tables(result: EvaluationResult, arch: str, setting: str) -> dict[str, pd.DataFrame]:
-    """The predictions a setting run reads: val rows (fusion weights) and test rows (scored)."""
-    if result.predictions is None:
-        return {}
-    inputs = SETTING_TEST_INPUTS[setting]
-    rows = result.predictions[result.predictions["arch"] == arch]
-    pairs = rows["modality"] + "|" + rows["source"]
-    modalities = {m for m, _ in inputs}
-    return {
-        "val": rows[(rows["subset"] == "val") & (rows["source"] == "real") & rows["modality"].isin(modalities)],
-        "test": rows[(rows["subset"] == "test") & pairs.isin({f"{m}|{s}" for m, s in inputs})],
-    }
-
-
 def _log_setting_inputs(run, result: EvaluationResult, root: Path, params: Params, arch: str, setting: str) -> None:
-    run.log_params(setting_params(result, params, arch, setting))
+    run.log_params(setting_params(arch, setting, params.classifier.views, result.probabilities))
     files = sorted({relative(ev.predictions_path(ProjectPaths(root), arch, m, v), root)
                     for m, _ in SETTING_TEST_INPUTS[setting] for v in params.classifier.views})
-    run.log_tables(setting_tables(result, arch, setting), name=f"predictions {arch} {setting}",
+    run.log_tables(setting_tables(result.predictions, arch, setting), name=f"predictions {arch} {setting}",
                    targets="label", predictions="p_malignant", source={"tables": ", ".join(files)})
 
 
@@ -194,7 +142,7 @@ def log_evaluation(run, result: EvaluationResult, root: str | Path, params: Para
     run.log_artifact(result.metrics_file)
     for (arch, setting), group in result.fold_scores.groupby(["arch", "setting"], sort=False):
         with run.child(f"{arch} {setting}",
-                       tags=_setting_tags(arch, setting, SETTING_SYNTHETIC_SHARE[setting])) as child:
+                       tags=setting_tags(arch, setting, SETTING_SYNTHETIC_SHARE[setting])) as child:
             _log_setting_inputs(child, result, root, params, arch, setting)
             values = result.headline[arch][setting]
             child.log_metrics({f"test_{m}": values.get(m) for m in METRIC_NAMES if values.get(m) is not None}
@@ -211,7 +159,7 @@ def _log_robustness(run, result: EvaluationResult, root: Path, params: Params) -
     sweep = robustness[robustness["setting"] != "F"]
     for (arch, setting), group in sweep.groupby(["arch", "setting"], sort=False):
         with run.child(f"{arch} {setting} robustness",
-                       tags=_setting_tags(arch, setting, None) | {"synthetic_share": "0-100"}) as child:
+                       tags=setting_tags(arch, setting, None) | {"synthetic_share": "0-100"}) as child:
             _log_setting_inputs(child, result, root, params, arch, setting)
             child.log_params({"robustness_shares": ",".join(str(s) for s in params.evaluate.robustness_shares),
                               "robustness_draws": params.evaluate.robustness_draws, "seed": params.seed})

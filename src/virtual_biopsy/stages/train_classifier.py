@@ -35,22 +35,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from virtual_biopsy.core.atomic import atomic_dir, staged_path, write_csv, write_json
-from virtual_biopsy.core.config import (
-    ARCHITECTURES,
-    MODALITIES,
-    VIEWS,
-    ConfigError,
-    Params,
-)
+from virtual_biopsy.core.config import ARCHITECTURES, MODALITIES, VIEWS, ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.cohorts import (
     SCORED_SUBSETS,
@@ -58,7 +48,6 @@ from virtual_biopsy.data.cohorts import (
     Classifier,
     CohortError,
     biopsy_images,
-    check_single_input,
     patient_subsets,
     read_folds,
     read_imputed_index,
@@ -66,44 +55,15 @@ from virtual_biopsy.data.cohorts import (
     split_images,
     synthetic_images,
 )
+from virtual_biopsy.evaluation.classifier_cv import FoldEpochCallback, train_classifier_fold
 from virtual_biopsy.evaluation.predictions import predictions_path
-from virtual_biopsy.evaluation.scoring import (
-    score_classifier_fold,
-    score_metrics,
-    summarize_classifier_folds,
-)
-from virtual_biopsy.models.classifiers import WeightsFileError, build_classifier
-from virtual_biopsy.models.weights import save_classifier_weights
+from virtual_biopsy.evaluation.scoring import summarize_classifier_folds
+from virtual_biopsy.models.classifiers import WeightsFileError
 from virtual_biopsy.stages.common import relative, stage_inputs, stage_parser
 from virtual_biopsy.training import distributed
-from virtual_biopsy.training.checkpoint import discard_stale_checkpoint, inputs_key
-from virtual_biopsy.training.classifier_trainer import (
-    ClassifierTrainingResult,
-    predict_proba,
-    train_classifier,
-)
-from virtual_biopsy.training.datasets import (
-    classifier_fold_seed,
-    labelled_dataset,
-    open_images,
-)
-from virtual_biopsy.training.loop import EpochState, resolve_device
+from virtual_biopsy.training.datasets import open_images
 
 STAGE = "train_classifier"
-
-FoldEpochCallback = Callable[[int, int, dict[str, float]], None]
-"""``(fold, epoch, metrics)`` after each epoch's checkpoint is saved; raising stops training
-(a time budget, Optuna pruning) and the next run of the stage resumes from that checkpoint."""
-
-
-@dataclass
-class FoldOutcome:
-    fold: int
-    result: ClassifierTrainingResult
-    predictions: pd.DataFrame
-    val: dict[str, float]
-    test: dict[str, float]
-
 
 def log_fold_inputs(run, paths: ProjectPaths, params: Params, which: Classifier, fold: int,
                     real: dict[str, pd.DataFrame], synthetic: dict[str, pd.DataFrame]) -> None:
@@ -122,77 +82,19 @@ def log_fold_inputs(run, paths: ProjectPaths, params: Params, which: Classifier,
                            "images": relative(paths.imputed_images, paths.root), **where})
 
 
-def _epoch_logger(run, images: np.ndarray, val: pd.DataFrame, batch_size: int, device: str, fold: int,
-                  extra: FoldEpochCallback | None):
-    """on_epoch_end: per-epoch losses, learning rate and validation AUC/MCC (lesion level), then ``extra``."""
-
-    def on_epoch_end(epoch: int, epoch_metrics: dict[str, float], state: EpochState) -> None:
-        if run:  # scoring the validation set costs a forward pass: only when it is recorded
-            p = predict_proba(state.models["classifier"], images, val["row"].to_numpy(), batch_size, device)
-            scores = score_metrics(val, p)
-            run.log_metrics({**{k.replace("/", "_"): v for k, v in epoch_metrics.items()},
-                             "val_auc": scores["auc"], "val_mcc": scores["mcc"]}, step=epoch)
-        if extra is not None:
-            extra(fold, epoch, epoch_metrics)
-
-    return on_epoch_end
-
-
-def train_fold(paths: ProjectPaths, params: Params, which: Classifier, fold: int, images: np.ndarray,
-               real: dict[str, pd.DataFrame], synthetic: dict[str, pd.DataFrame], imputed: np.ndarray | None,
-               run, device: str, epoch_callback: FoldEpochCallback | None = None,
-               out_dir: Path | None = None) -> FoldOutcome:
-    """Train, save and score the classifier of one fold; log to ``run``. The weights go to
-    ``out_dir`` (the model folder's staging folder; None: no file, as on ranks other than 0)."""
-    cfg = params.classifier
-    seed = classifier_fold_seed(params.seed, which.arch, which.modality, which.view, fold)
-    for frame in (*real.values(), *synthetic.values()):
-        check_single_input(frame, which.modality, which.view)
-    model = build_classifier(which.arch, cfg.weights_file, seed=seed)
-    ckpt = paths.classifier_checkpoint(which.arch, which.modality, which.view, fold)
-    discard_stale_checkpoint(ckpt, inputs_key(images, real["train"], real["val"]))
-    # The model folder outlives a run (a killed one resumes); after a change of params its
-    # checkpoint belongs to another run: start over.
-    result = train_classifier(
-        model, labelled_dataset(images, real["train"], seed, cfg.augment, cfg.augment_strength),
-        labelled_dataset(images, real["val"], seed, False), cfg, seed, checkpoint_dir=ckpt,
-        on_epoch_end=_epoch_logger(run, images, real["val"], cfg.batch_size, device, fold, epoch_callback),
-        device=device, restart_if_stale=True,
-    )
-    weights = paths.classifier_weights(which.arch, which.modality, which.view, fold)
-    if out_dir is not None:
-        weights = staged_path(weights, paths.classifier_dir(which.arch, which.modality, which.view), out_dir)
-        save_classifier_weights(weights, result.state, arch=which.arch, modality=which.modality, view=which.view,
-                                fold=fold, image_size=int(images.shape[1]), best_epoch=result.best_epoch)
-    predictions, scores = score_classifier_fold(model, images, imputed, real, synthetic, which.arch, fold,
-                                                cfg.batch_size, device)
-    run.log_params({**which.tags, "fold": fold, "seed": seed, "image_size": images.shape[1],
-                    **{f"images_{k}": len(v) for k, v in real.items()},
-                    **{f"synthetic_images_{k}": len(v) for k, v in synthetic.items() if k in SCORED_SUBSETS}})
-    run.log_metrics({"best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
-                     "epochs_run": result.epochs_run,
-                     **{f"{subset}_{k}": v for subset, s in scores.items() for k, v in s.items()}})
-    run.log_artifact(weights, "weights")
-    return FoldOutcome(fold, result, predictions, scores["val"], scores["test"])
-
-
 def run_train_classifier(paths: ProjectPaths, params: Params, arch: str, modality: str, view: str,
                          device: str = "cpu", use_mlflow: bool = True,
                          epoch_callback: FoldEpochCallback | None = None) -> dict[str, Any]:
     """Train every fold of f_{modality,view}; write weights, val_mcc.json and predictions; return the summary.
 
-    ``epoch_callback(fold, epoch, metrics)`` runs after every epoch (see :data:`FoldEpochCallback`).
+    ``epoch_callback(fold, epoch, metrics)`` runs after every epoch (see
+    :data:`virtual_biopsy.evaluation.classifier_cv.FoldEpochCallback`).
     """
     from virtual_biopsy.mlops import tracking
 
     which = Classifier(arch, modality, view)
-    try:
-        resolved = resolve_device(device)
-    except (ValueError, RuntimeError) as exc:  # unknown device string, or CUDA asked for but absent
-        raise CohortError(str(exc)) from exc
     # Under torchrun: join the process group first; only rank 0 logs to MLflow and writes files.
-    device = str(distributed.rank_device(resolved, distributed.init_from_env(resolved)))
-    main_process = distributed.is_main_process()
+    device, main_process = distributed.setup_device(device)
     index, folds = read_processed_index(paths), read_folds(paths)
     images = open_images(paths.processed_images)
     real = biopsy_images(index, modality, view)
@@ -212,8 +114,8 @@ def run_train_classifier(paths: ProjectPaths, params: Params, arch: str, modalit
             synthetic_parts = split_images(synthetic, patients, fold, require=())
             with run.child(f"{which.label} fold {fold}", tags={**which.tags, "fold": fold}) as fold_run:
                 log_fold_inputs(fold_run, paths, params, which, fold, real_parts, synthetic_parts)
-                outcomes.append(train_fold(paths, params, which, fold, images, real_parts, synthetic_parts, imputed,
-                                           fold_run, device, epoch_callback, staged))
+                outcomes.append(train_classifier_fold(paths, params, which, fold, images, real_parts, synthetic_parts,
+                                                      imputed, fold_run, device, epoch_callback, staged))
         summary = {**which.tags, **summarize_classifier_folds(outcomes)}
         if not main_process:
             return summary

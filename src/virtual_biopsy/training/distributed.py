@@ -100,6 +100,24 @@ def rank_device(device: str | torch.device, context: DistributedContext) -> torc
     return device
 
 
+def setup_device(requested: str | torch.device) -> tuple[str, bool]:
+    """(this process's torch device, whether it is the main process) for a training stage.
+
+    Under torchrun it joins the process group first, and rank r gets GPU r; only the main process
+    logs to MLflow and writes files. An unknown device string, or CUDA asked for but absent, is a
+    ConfigError naming the device (a one-line error from the stage), not a traceback.
+    """
+    from virtual_biopsy.core.config import ConfigError
+    from virtual_biopsy.training.loop import resolve_device
+
+    try:
+        resolved = resolve_device(requested)
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"device {str(requested)!r}: {exc}") from exc
+    device = rank_device(resolved, init_from_env(resolved))
+    return str(device), is_main_process()
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
