@@ -19,22 +19,33 @@ Cohort (defaults from the paper's Table 1, see :class:`~virtual_biopsy.core.conf
   so even a 16-patient test set has malignant, benign and unlabelled breasts in the set ratios.
 
 Physics knobs and their defaults (``params.yaml`` ``synth``; the model is in
-:mod:`virtual_biopsy.data.phantom`):
+:mod:`virtual_biopsy.data.phantom`). They are frozen: ``tests/test_synthetic.py`` pins them, the
+README's table and this one. The simulation checks the pipeline; it is not evidence for the
+paper's claims, and its knobs were once changed after results were seen (README, "Results"), so
+they must never move again to make a result appear. Where the CESM literature gives a direction
+the knob follows it; the magnitudes are simulation choices, not measurements.
 
 =========================  =======  ==========================================================
-knob                       default  effect
+knob                       default  effect, and why this value
 =========================  =======  ==========================================================
-le_lesion_contrast         0.03     mass attenuation above glandular tissue in LE: visible over
-                                    fat, nearly hidden inside dense tissue
-le_uptake_coupling         5.0      LE mass density grows by this times the mass's contrast uptake
-                                    (malignant masses denser, as on real mammograms)
-des_glandular_suppression  0.85     share of glandular/muscle contrast the recombination removes
-bpe_strength               0.25     background parenchymal enhancement on the glandular map,
-                                    times a per-breast level (minimal .25 .. marked 1)
-malignant_enhancement      0.55     mean DES uptake of malignant masses (rim-weighted)
-benign_enhancement         0.30     mean DES uptake of benign masses (homogeneous)
-enhancement_spread         0.20     per-lesion relative sd of uptake
-noise_sd                   0.015    quantum noise, fraction of full scale (DES x2)
+le_lesion_contrast         0.06     mass attenuation above glandular tissue in LE: visible over
+                                    fat, nearly hidden inside dense tissue (low-energy CESM
+                                    images read like FFDM, whose sensitivity falls with density)
+le_uptake_coupling         3.0      LE mass density grows by this times the mass's contrast uptake:
+                                    malignant masses are denser, so DES enhancement is faintly
+                                    predictable from LE (what makes imputation possible at all)
+des_glandular_suppression  0.85     share of glandular/muscle contrast the dual-energy
+                                    recombination removes (subtraction cancels most tissue
+                                    contrast; residual texture remains on real DES images)
+bpe_strength               0.25     background parenchymal enhancement on the glandular map, times
+                                    a per-breast level (BI-RADS CEM lexicon: minimal .25 .. marked 1)
+malignant_enhancement      0.55     mean DES uptake of malignant masses, rim-weighted (malignant
+                                    lesions enhance more, often heterogeneously or at the rim)
+benign_enhancement         0.30     mean DES uptake of benign masses, homogeneous (weak or no
+                                    enhancement is typical of benign masses)
+enhancement_spread         0.20     per-lesion relative sd of uptake (overlap between classes)
+noise_sd                   0.015    quantum noise, fraction of full scale (DES x2: subtraction adds
+                                    the noise of both exposures)
 =========================  =======  ==========================================================
 
 Pixel data are 12-bit (BitsStored 12) MONOCHROME2; LE windows span the breast's tissue range
