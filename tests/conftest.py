@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from stack import team_stack  # noqa: F401  (the session's PostgreSQL + S3 + mlflow server, for every module)
 
 # Tests never talk to a tracking server by accident: each test that needs MLflow points it at a
 # store inside its own temp folder.
@@ -198,6 +200,16 @@ def _write_fused_project(root: Path) -> Path:
         out = paths.predictions_dir / "resnet18" / f"{modality}_{view}.csv"
         out.parent.mkdir(parents=True, exist_ok=True)
         group.to_csv(out, index=False)
+    # The evaluate stage's evidence tables the gate reports (computed by the real functions).
+    from virtual_biopsy.evaluation.paired_tests import paired_comparisons
+    from virtual_biopsy.evaluation.settings import lesion_probabilities, prepare_folds
+    from virtual_biopsy.evaluation.weight_stability import weight_stability
+
+    folds = prepare_folds(frame, ("FFDM", "CESM"), ("CC", "MLO"))
+    paths.evaluation_dir.mkdir(parents=True, exist_ok=True)
+    paired_comparisons(lesion_probabilities(folds), n_boot=200).to_csv(paths.evaluation_dir / "paired_tests.csv",
+                                                                       index=False)
+    weight_stability(folds, draws=200).to_csv(paths.evaluation_dir / "weights.csv", index=False)
     metrics = {"resnet18": {s: {"auc": auc, "gmean": 0.6, "mcc": 0.3} for s, auc in
                             (("F", 0.70), ("C", 0.8), ("Ĉ", 0.72), ("F+C", 0.8), ("F+Ĉ", 0.71))}}
     (paths.reports / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False))
@@ -270,3 +282,50 @@ def tiny_pipeline_run(tmp_path_factory) -> Path:
     root = make_tiny_project(tmp_path_factory.mktemp("e2e") / "project")
     repro(root)
     return root
+
+
+@dataclass(frozen=True)
+class CloneRun:
+    """The second whole pipeline run of the session (see :func:`clone_run_on_team_stack`)."""
+
+    first: Path       # the session's tiny pipeline run (embedded store)
+    clone: Path       # its fresh clone, after `dvc repro` against the team stack
+    committed: tuple[str, ...]  # what the clone's commit added: dvc.lock and the reports git tracks
+    experiment: str   # the MLflow experiment the clone's runs went to, on the server
+
+
+@pytest.fixture(scope="session")
+def clone_run_on_team_stack(tiny_pipeline_run, team_stack, tmp_path_factory) -> CloneRun:  # noqa: F811
+    """A fresh clone of the session's tiny pipeline run, reproduced on another MLflow store.
+
+    The run is committed the way the project commits one (dvc.lock and the reports git tracks),
+    cloned, and every stage reruns with `dvc repro` in the clone (no DVC cache, no outputs) with
+    only MLFLOW_TRACKING_URI pointing at the team stack (server, PostgreSQL, artifacts in S3). One
+    run serves two claims, each checked by its own module: test_reproducible_state (same dvc.lock,
+    same reports, honest git tags, whichever store) and test_team_stack (every stage's runs,
+    artifacts and aliases are on the server). A whole tiny pipeline costs minutes on 2 cores, so
+    the session runs it once rather than once per claim.
+    """
+    import subprocess
+    import uuid
+
+    from tiny_pipeline import REPO, repro, run
+
+    from virtual_biopsy.mlops import tracking
+
+    first = tiny_pipeline_run
+    clone = tmp_path_factory.mktemp("clone") / "project"
+    git = ["git", "-c", "user.email=t@example.org", "-c", "user.name=test"]
+    run(["git", "clone", "-q", str(first), str(clone)], clone.parent)
+    tracked = subprocess.run(["git", "ls-files", "reports"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    committed = ("dvc.lock", *(p for p in tracked if (first / p).is_file()))
+    for rel in committed:
+        (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(first / rel, clone / rel)
+    run([*git, "add", *committed], clone)
+    run([*git, "commit", "-q", "-m", "pipeline run"], clone)
+    shutil.copytree(first / "data" / "raw", clone / "data" / "raw")  # what `dvc pull data.dvc` brings
+    experiment = f"vb-clone-{uuid.uuid4().hex[:8]}"
+    repro(clone, env={**team_stack.client_env(), tracking.EXPERIMENT_ENV: experiment})
+    return CloneRun(first, clone, committed, experiment)

@@ -5,9 +5,7 @@ every folder is a throwaway one under /tmp that is removed afterwards. Nothing l
 but 127.0.0.1. Credentials are random per session and live only in the environment of the
 processes that need them.
 
-Use from a test module::
-
-    from stack import team_stack  # noqa: F401  (session fixture)
+conftest.py imports the session fixture, so any test module takes it::
 
     def test_something(team_stack):
         env = team_stack.client_env()          # MLFLOW_TRACKING_URI etc. for a client process

@@ -116,19 +116,89 @@ def test_fusion_weights_ignore_test_predictions(project: Path, folds) -> None:
     pd.testing.assert_frame_equal(ev.weights_table(folds), ev.weights_table(again))
 
 
-def test_acr_group_with_one_class_is_reported_undefined_with_its_reason(folds) -> None:
-    table = ev.acr_breakdown(ev.acr_scores(ev.lesion_probabilities(folds)))
-    acr_a = table[table["acr"] == "a"]
+@pytest.fixture(scope="module")
+def acr_table(folds) -> pd.DataFrame:
+    return ev.acr_breakdown(ev.acr_scores(ev.lesion_probabilities(folds)))
+
+
+def test_acr_cell_equals_per_fold_auc_mean_and_sem_and_counts_the_groups_lesions(project: Path, folds, acr_table) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    probabilities = ev.lesion_probabilities(folds)
+    group = probabilities[(probabilities["arch"] == "vgg16") & (probabilities["setting"] == "F+Ĉ")
+                          & (probabilities["acr"] == "c")]
+    aucs = np.array([roc_auc_score(g["label"], g["p"]) for _, g in group.groupby("fold")])
+    row = acr_table[(acr_table["arch"] == "vgg16") & (acr_table["metric"] == "auc")
+                    & (acr_table["setting"] == "F+Ĉ") & (acr_table["acr"] == "c")].iloc[0]
+    assert row["mean"] == pytest.approx(aucs.mean())
+    assert row["spread"] == pytest.approx(aucs.std(ddof=1) / math.sqrt(aucs.size))
+    assert row["spread_kind"] == "sem_over_folds"
+    assert row["defined"] and row["reason"] == "" and row["n_folds"] == FOLDS
+    predictions = ev.load_predictions(ProjectPaths(project), ARCHS, ("FFDM", "CESM"), ("CC", "MLO"))
+    test_c = predictions[(predictions["subset"] == "test") & (predictions["acr"] == "c")].drop_duplicates("lesion_id")
+    assert row["n_lesions"] == len(test_c) == len(group)
+    assert row["n_malignant"] == int(test_c["label"].sum())
+    markdown = ev.acr_breakdown_markdown(acr_table)
+    assert f"{100 * aucs.mean():.1f} ± {100 * aucs.std(ddof=1) / math.sqrt(aucs.size):.1f} (n={len(test_c)})" in markdown
+
+
+def test_acr_one_class_group_is_na_and_avg_is_mean_and_sd_across_architectures(folds, acr_table) -> None:
+    acr_a = acr_table[acr_table["acr"] == "a"]
     assert len(acr_a) == 3 * 3 * (len(ARCHS) + 1)  # metrics × settings × (archs + AVG)
-    assert acr_a["mean"].isna().all()
-    assert (acr_a["reason"] == "only malignant lesions in every fold").all()
-    markdown = ev.acr_breakdown_markdown(table)
-    assert "undefined (only malignant lesions in every fold)" in markdown
-    assert table[table["acr"] == "c"]["mean"].notna().all()
-    avg = table[(table["arch"] == "AVG") & (table["acr"] == "c")].iloc[0]
-    per_arch = table[(table["acr"] == "c") & (table["metric"] == avg["metric"]) & (table["setting"] == avg["setting"])
-                     & (table["arch"] != "AVG")]["mean"]
-    assert avg["mean"] == pytest.approx(per_arch.mean()) and avg["spread"] == pytest.approx(per_arch.std(ddof=1))
+    assert acr_a["mean"].isna().all() and not acr_a["defined"].any()
+    assert (acr_a["reason"] == "one class").all() and (acr_a["n_folds"] == 0).all()
+    n_a = int(acr_a["n_lesions"].iloc[0])
+    assert n_a > 0 and (acr_a["n_lesions"] == n_a).all() and (acr_a["n_malignant"] == n_a).all()
+    assert f"n/a (one class, n={n_a})" in ev.acr_breakdown_markdown(acr_table)
+    # AVG = mean of the architectures' defined means ± their SD (ddof=1), n = the group's lesions
+    key = ["metric", "acr", "setting"]
+    archs = acr_table[acr_table["arch"] != "AVG"]
+    assert (archs["spread_kind"] == "sem_over_folds").all()
+    avg = acr_table[acr_table["arch"] == "AVG"].set_index(key)
+    assert (avg["spread_kind"] == "sd_over_architectures").all()
+    defined = archs[archs["defined"]].groupby(key)["mean"]
+    pd.testing.assert_series_equal(avg["mean"], defined.mean().reindex(avg.index), check_names=False)
+    pd.testing.assert_series_equal(avg["spread"], defined.std(ddof=1).reindex(avg.index), check_names=False)
+    assert (avg["n_folds"] == defined.count().reindex(avg.index).fillna(0)).all()
+    for column in ("n_lesions", "n_malignant"):
+        per_arch = archs.groupby(key)[column]
+        assert (per_arch.nunique() == 1).all() and (avg[column] == per_arch.first().reindex(avg.index)).all()
+    # an architecture with a one-class group is left out of AVG (AVG = the other's mean, no spread)
+    scores = ev.acr_scores(ev.lesion_probabilities(folds))
+    one_class = (scores["arch"] == "vgg16") & (scores["acr"] == "c")
+    scores.loc[one_class, ["auc", "gmean", "mcc"]] = np.nan
+    scores.loc[one_class, "undefined_reason"] = "only malignant lesions"
+    table = ev.acr_breakdown(scores).set_index(["metric", "acr", "setting", "arch"])
+    for metric in ("auc", "gmean", "mcc"):
+        vgg, resnet, mean = (table.loc[(metric, "c", "F+C", arch)] for arch in ("vgg16", "resnet18", "AVG"))
+        assert not vgg["defined"] and vgg["reason"] == "one class"
+        assert mean["defined"] and mean["mean"] == resnet["mean"] and math.isnan(mean["spread"])
+        assert mean["n_folds"] == 1 and mean["n_lesions"] == resnet["n_lesions"]
+
+
+def test_acr_table_is_tidy_sorted_and_markdown_has_a_column_per_architecture_plus_avg(acr_table) -> None:
+    assert list(acr_table.columns) == ["metric", "acr", "setting", "arch", "mean", "spread", "spread_kind", "n_folds",
+                                       "n_lesions", "n_malignant", "defined", "reason"]
+    archs = [*ARCHS, "AVG"]
+    assert list(acr_table["arch"][: len(archs)]) == archs
+    assert list(acr_table["setting"][:: len(archs)][:3]) == ["F", "F+C", "F+Ĉ"]
+    assert len(acr_table) == 3 * 4 * 3 * len(archs)  # metrics × ACR a-d × settings × (archs + AVG)
+    assert not acr_table.duplicated(["metric", "acr", "setting", "arch"]).any()
+    order = (acr_table["metric"].map({"auc": 0, "gmean": 1, "mcc": 2}) * 1000
+             + acr_table["acr"].map({"a": 0, "b": 1, "c": 2, "d": 3}) * 100
+             + acr_table["setting"].map({"F": 0, "F+C": 1, "F+Ĉ": 2}) * 10 + acr_table["arch"].map(archs.index))
+    assert order.is_monotonic_increasing
+    markdown = ev.acr_breakdown_markdown(acr_table)
+    header = "| Metric | ACR | Setting | " + " | ".join(archs) + " |"
+    assert markdown.count(header) == 1
+    body = [line for line in markdown.splitlines() if line.startswith("| ") and line != header and "---" not in line]
+    assert len(body) == 3 * 4 * 3 and all(line.count(" | ") == 2 + len(archs) for line in body)
+    expected = [f"| {m} | {a} | {s} |" for m in ("AUC", "G-mean", "MCC") for a in "abcd" for s in ("F", "F+C", "F+Ĉ")]
+    assert [line[: len(e)] for line, e in zip(body, expected)] == expected
+    assert "AVG: mean of the architectures' means ± SD across architectures" in markdown
+    assert "n: test lesions of the group, summed over the folds" in markdown
+    assert "undefined (" not in markdown
+    assert ev.acr_breakdown(ev.acr_scores(pd.DataFrame(columns=["arch", "fold", "setting", "acr", "label", "p"]))).empty
 
 
 def test_table_a1_has_one_row_per_architecture_and_setting_on_paper_scale(folds) -> None:
@@ -171,8 +241,12 @@ def test_stage_writes_every_report_and_logs_tagged_runs(project: Path, monkeypat
 
     out = project / "reports" / "evaluation"
     for name in ("table_a1.csv", "table_a1.md", "table3.csv", "table3.md", "robustness.csv", "acr_breakdown.csv",
-                 "acr_breakdown.md", "roc.csv", "figure4.png", "figure5.png", "roc.png"):
+                 "acr_breakdown.md", "roc.csv", "figure4.png", "figure5.png", "roc.png", "paired_tests.csv",
+                 "weights.csv", "weights.md"):
         assert (out / name).stat().st_size > 0, name
+    assert "Paired comparisons" in (out / "table_a1.md").read_text(encoding="utf-8")
+    paired = pd.read_csv(out / "paired_tests.csv")
+    assert len(paired) == 4 * len(ARCHS)
     headline = json.loads((project / "reports" / "metrics.json").read_text())
     assert set(headline) == set(ARCHS) and set(headline["resnet18"]) == {"F", "C", "Ĉ", "F+C", "F+Ĉ"}
     # The known signal: real CESM beats imputed CESM beats FFDM alone.
@@ -202,6 +276,12 @@ def test_stage_writes_every_report_and_logs_tagged_runs(project: Path, monkeypat
     assert inputs == {"predictions vgg16 F+Ĉ val": "val", "predictions vgg16 F+Ĉ test": "test"}
     robustness = [r for r in runs if r.data.tags.get("synthetic_share") == "0-100"]
     assert robustness and all(r.data.params["robustness_draws"] == "3" for r in robustness)
+    # The paired tests: on the stage run per comparison, on the setting run against its reference.
+    row = paired[(paired["arch"] == "vgg16") & (paired["setting_a"] == "F+Ĉ") & (paired["setting_b"] == "F")].iloc[0]
+    assert tagged[0].data.metrics["vs_F_delong_p"] == pytest.approx(row["delong_p"])
+    stage_run = next(r for r in runs if r.data.tags.get("mlflow.runName") == "evaluate")
+    assert stage_run.data.metrics["vgg16.F_Chat_vs_F.auc_difference_ci_low"] == pytest.approx(row["boot_low"])
+    assert int(stage_run.data.tags["weight_warnings"]) == (pd.read_csv(out / "weights.csv")["warning"].notna()).sum()
 
 
 def test_stage_without_predictions_fails_in_one_line_naming_the_file(tmp_path: Path, capsys) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -130,3 +131,28 @@ def test_gate_stage_promotes_then_records_a_rejection_and_rollback_restores(fuse
     report_v3 = status.split("gate report v3:")[1]
     assert "split_leakage" in report_v3 and "fail (value 3, threshold 0)" in report_v3
     assert "gate report v1:" in status and status.count("gate report v3:") == 1
+
+
+def test_gate_reports_the_paired_tests_and_thin_weights_next_to_its_checks(fused_project, capsys):
+    assert gate_stage.main(["--root", str(fused_project)]) == 0
+    entry = json.loads((fused_project / "reports" / "gate.json").read_text())["resnet18"]
+    paired = {c["comparison"]: c for c in entry["evidence"]["paired_tests"]}
+    assert set(paired) == {"F+Ĉ vs F", "F+C vs C", "Ĉ vs F", "C vs F"}
+    table = pd.read_csv(fused_project / "reports" / "evaluation" / "paired_tests.csv")
+    row = table[(table["setting_a"] == "F+Ĉ") & (table["setting_b"] == "F")].iloc[0]
+    assert paired["F+Ĉ vs F"]["auc_difference"] == pytest.approx(row["auc_difference"])
+    assert paired["F+Ĉ vs F"]["ci_low"] <= paired["F+Ĉ vs F"]["auc_difference"] <= paired["F+Ĉ vs F"]["ci_high"]
+    # 8 validation lesions per fold (5 malignant, 3 benign): every weight rests on too few.
+    assert entry["evidence"]["weight_warnings"] and "fewer than 10" in entry["evidence"]["weight_warnings"][0]
+    out = capsys.readouterr().out
+    assert "F+Ĉ vs F: AUC difference" in out and "95 % CI" in out
+    tags = registry.get_version_tags(NAME, "1", str(fused_project))
+    assert tags["gate.evidence.F_Chat_vs_F"].startswith("AUC difference")
+    assert int(tags["gate.evidence.weight_warnings"]) == len(entry["evidence"]["weight_warnings"])
+    assert entry["decision"] == "promoted"  # reported, not decided on
+
+
+def test_gate_without_the_evaluations_evidence_names_the_missing_file(fused_project, capsys):
+    (fused_project / "reports" / "evaluation" / "paired_tests.csv").unlink()
+    assert gate_stage.main(["--root", str(fused_project)]) == 1
+    assert "paired_tests.csv: missing (run the evaluate stage first)" in capsys.readouterr().err

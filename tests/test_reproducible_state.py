@@ -1,10 +1,11 @@
 """Pipeline state is reproducible: same code, params and data, same dvc.lock, committed reports
 and honest ``git_commit`` tags, whichever MLflow store the run logs to.
 
-The fresh-clone check commits the session's tiny pipeline run (tests/tiny_pipeline.py) the way the
-project commits a run (dvc.lock and the reports git tracks), clones it, and reruns every stage
-with `dvc repro` in the clone against a fresh MLflow store. Registry version numbers, which
-differ between stores, live in MLflow only, so nothing may differ except RUN_SPECIFIC.
+The fresh-clone check commits the session's tiny pipeline run (tests/tiny_pipeline.py, embedded
+SQLite store) the way the project commits a run (dvc.lock and the reports git tracks), clones it,
+and reruns every stage with `dvc repro` in the clone against another, fresh store: the team stack's
+tracking server (conftest's ``clone_run_on_team_stack``). Registry version numbers, which differ
+between stores, live in MLflow only, so nothing may differ except RUN_SPECIFIC.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import subprocess
 
 import pytest
 import yaml
-from tiny_pipeline import BIN, REPO, repro, run
+from tiny_pipeline import BIN, REPO, run
 
 from virtual_biopsy.mlops import tracking
 
@@ -84,22 +85,10 @@ def test_pipeline_output_pathspecs_cover_templated_stage_outputs():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # a second whole pipeline run
-def test_a_fresh_clone_reproduces_the_committed_dvc_lock_and_reports(tiny_pipeline_run, tmp_path):
-    first = tiny_pipeline_run
-    clone = tmp_path / "clone"
-    run(["git", "clone", "-q", str(first), str(clone)], tmp_path)
-    # Commit the run as the project does: dvc.lock and the reports git tracks (its metrics files).
-    committed = ["dvc.lock", *(p for p in _git(REPO, "ls-files", "reports").split() if (first / p).is_file())]
-    assert "reports/generator/CC.json" in committed and "reports/metrics.json" in committed
-    for rel in committed:
-        (clone / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(first / rel, clone / rel)
-    _git(clone, "add", *committed)
-    _git(clone, "commit", "-q", "-m", "pipeline run")
-    shutil.copytree(first / "data" / "raw", clone / "data" / "raw")  # what `dvc pull data.dvc` brings
-
-    repro(clone)  # no cache, no outputs: every stage runs, logging to the clone's own fresh store
+def test_a_fresh_clone_reproduces_the_committed_dvc_lock_and_reports(clone_run_on_team_stack, team_stack):
+    first, clone = clone_run_on_team_stack.first, clone_run_on_team_stack.clone
+    assert "reports/generator/CC.json" in clone_run_on_team_stack.committed
+    assert "reports/metrics.json" in clone_run_on_team_stack.committed
 
     before, after = (yaml.safe_load((root / "dvc.lock").read_text()) for root in (first, clone))
     differing = sorted(key for key, md5 in _out_hashes(after).items() if _out_hashes(before).get(key) != md5)
@@ -111,8 +100,11 @@ def test_a_fresh_clone_reproduces_the_committed_dvc_lock_and_reports(tiny_pipeli
     assert set(changed) <= {"dvc.lock"}, changed
 
     # DVC deleted and rewrote the committed reports while the stages ran: still not "dirty".
-    client = tracking.get_client(clone)
-    runs = client.search_runs([tracking.experiment_id(client, clone)], max_results=1000)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=team_stack.tracking_uri)
+    experiment = client.get_experiment_by_name(clone_run_on_team_stack.experiment)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
     head = _git(clone, "rev-parse", "HEAD").strip()
     assert runs and {r.data.tags.get("git_commit") for r in runs if "git_commit" in r.data.tags} == {head}
     assert run([str(BIN / "dvc"), "status", "--json"], clone).strip().splitlines()[-1] == "{}"

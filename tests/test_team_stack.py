@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from stack import team_stack  # noqa: F401  (session fixture)
 
 from virtual_biopsy.mlops import tracking
 
@@ -251,17 +250,14 @@ def test_retrain_script_pulls_reproduces_diffs_and_pushes(team_stack, tmp_path):
     assert json.loads((repo / "gate.json").read_text()) == {"champion": True}
 
 
-def test_tiny_pipeline_runs_against_the_server_with_artifacts_in_s3(team_stack, tmp_path,  # noqa: F811
-                                                                   tiny_pipeline_run):
-    """`dvc repro` of the real pipeline with only MLFLOW_TRACKING_URI pointing at the team stack:
-    stage runs, their artifacts (in the bucket) and the registry aliases are all on the server.
-    The same tiny project ran on the embedded store too: with the same seed every metric must be
-    identical (determinism, and independence of the tracking backend)."""
-    from tiny_pipeline import make_tiny_project, repro
-
-    root = make_tiny_project(tmp_path / "project")
-    experiment = f"vb-pipeline-{uuid.uuid4().hex[:8]}"
-    repro(root, env={**team_stack.client_env(), tracking.EXPERIMENT_ENV: experiment})
+def test_tiny_pipeline_runs_against_the_server_with_artifacts_in_s3(team_stack, clone_run_on_team_stack):  # noqa: F811
+    """`dvc repro` of the real pipeline (conftest's fresh clone of the session's tiny run) with only
+    MLFLOW_TRACKING_URI pointing at the team stack: stage runs, their artifacts (in the bucket) and
+    the registry aliases are all on the server. The same tiny project ran on the embedded store
+    too: with the same seed every metric must be identical (determinism, and independence of the
+    tracking backend)."""
+    root, tiny_pipeline_run = clone_run_on_team_stack.clone, clone_run_on_team_stack.first
+    experiment = clone_run_on_team_stack.experiment
     assert not (root / "mlruns").exists(), "the embedded store was used instead of the server"
 
     exp = requests.get(f"{team_stack.tracking_uri}/api/2.0/mlflow/experiments/get-by-name",

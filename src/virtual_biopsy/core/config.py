@@ -147,6 +147,8 @@ class ClassifierConfig:
 class EvaluateConfig:
     robustness_shares: tuple[int, ...] = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
     robustness_draws: int = 10
+    bootstrap_resamples: int = 2000  # patient resamples of the paired AUC intervals and the weight MCC intervals
+    min_weight_lesions: int = 10     # validation lesions per class below which a fusion weight is warned about
 
 
 @dataclass(frozen=True)
@@ -436,6 +438,8 @@ def _check_values(p: Params) -> None:
     for i, share in enumerate(p.evaluate.robustness_shares):
         _within(f"evaluate.robustness_shares[{i}]", share, 0, 100)
     _at_least("evaluate.robustness_draws", p.evaluate.robustness_draws, 1)
+    _at_least("evaluate.bootstrap_resamples", p.evaluate.bootstrap_resamples, 100)
+    _at_least("evaluate.min_weight_lesions", p.evaluate.min_weight_lesions, 1)
 
     gate = p.gate
     for setting, floors in gate.floors.items():

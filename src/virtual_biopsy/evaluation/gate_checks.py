@@ -235,6 +235,44 @@ def read_reports(paths: ProjectPaths, arch: str) -> dict[str, Any]:
     }
 
 
+def _read_csv(path: Path, stage: str):
+    import pandas as pd
+
+    if not path.exists():
+        raise GateInputError(f"{path}: missing (run the {stage} stage first)")
+    try:
+        return pd.read_csv(path, keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise GateInputError(f"{path}: not a readable CSV table ({exc})") from exc
+
+
+def read_evidence(paths: ProjectPaths, arch: str) -> dict[str, Any]:
+    """What the gate reports next to its checks without deciding on it: the paired tests of the
+    settings' AUC differences (DeLong p, patient-bootstrap interval) and the fusion weights that
+    rest on too few validation lesions (reports/evaluation/paired_tests.csv, weights.csv)."""
+    paired = _read_csv(paths.evaluation_dir / "paired_tests.csv", "evaluate")
+    weights = _read_csv(paths.evaluation_dir / "weights.csv", "evaluate")
+    comparisons = [
+        {"comparison": f"{r['setting_a']} vs {r['setting_b']}", "auc_difference": _number(r["auc_difference"]),
+         "ci_low": _number(r["boot_low"]), "ci_high": _number(r["boot_high"]), "ci_level": _number(r["boot_level"]),
+         "delong_p": _number(r["delong_p"]), "n_lesions": int(r["n_lesions"])}
+        for _, r in paired[paired["arch"] == arch].iterrows()]
+    thin = weights[(weights["arch"] == arch) & weights["warning"].fillna("").astype(bool)]
+    return {"paired_tests": comparisons,
+            "weight_warnings": [f"fold {r['fold']} {r['level']} {r['input']}: {r['warning']}" for _, r in thin.iterrows()]}
+
+
+def evidence_tags(evidence: Mapping[str, Any]) -> dict[str, str]:
+    """``gate.evidence.<A>_vs_<B>`` = "difference [low, high], DeLong p" and the weight-warning count."""
+    tags = {gate_tag("evidence.weight_warnings"): str(len(evidence["weight_warnings"]))}
+    for c in evidence["paired_tests"]:
+        ci = "n/a" if c["ci_low"] is None else f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
+        p = "n/a" if c["delong_p"] is None else f"{c['delong_p']:.3g}"
+        tags[gate_tag(f"evidence.{slug(c['comparison'].replace(' vs ', '_vs_'))}")] = (
+            f"AUC difference {c['auc_difference']:+.3f} {ci}, DeLong p {p}")
+    return tags
+
+
 def slug(name: str) -> str:
     """An MLflow-safe key for a check or setting name (``F+Ĉ`` -> ``F_Chat``)."""
     for setting in sorted(SETTING_SLUGS, key=len, reverse=True):

@@ -48,6 +48,7 @@ class FoldData:
     modalities: tuple[str, ...]
     views: tuple[str, ...]
     dropped_test_lesions: int
+    val: pd.DataFrame | None = None  # the validation lesions the weights come from (weight_stability)
 
 
 def lesion_table(rows: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -162,13 +163,14 @@ def prepare_folds(predictions: pd.DataFrame, modalities: tuple[str, ...], views:
         test_rows = rows[rows["subset"] == "test"]
         if val_rows.empty or test_rows.empty:
             raise ValueError(f"{where}: need both val and test rows, found subsets {sorted(set(rows['subset']))}")
-        weights = validation_weights(lesion_table(val_rows, where), tuple(order), views, where)
+        val = lesion_table(val_rows, where)
+        weights = validation_weights(val, tuple(order), views, where)
         test = lesion_table(test_rows, where)
         keep = _has_every_input(test, tuple(order), views)
         if not keep.any():
             raise ValueError(f"{where}: no test lesion has predictions for every modality")
         folds.append(FoldData(arch, int(fold), weights, test[keep].reset_index(drop=True),
-                              tuple(order), views, int((~keep).sum())))
+                              tuple(order), views, int((~keep).sum()), val))
     return folds
 
 

@@ -1,13 +1,16 @@
 """The paper's tables from per-fold scores: Table A1, Table 3, Table 4 (ACR), headline metrics.
 
 Conventions (paper): each cell is the mean over the cross-validation folds ± the standard error
-over folds; Table A1 and Table 4 show AUC and G-mean on [0, 100] and MCC on [-100, 100]. Table 4's
-AVG column is the mean of the architectures' means ± their standard deviation across
-architectures (this reproduces the paper's AVG numbers, e.g. 68.33, 80.83, 88.34 -> 79.17 ± 10.11).
+over folds; Table A1 and Table 4 show AUC and G-mean on [0, 100] and MCC on [-100, 100]. Table 4
+is laid out as in the paper: rows metric × ACR × setting, a column per architecture, each cell
+``mean ± SE (n=lesions)``, and an AVG column = the mean of the architectures' means ± their standard
+deviation across architectures (this reproduces the paper's AVG numbers, e.g. 68.33, 80.83, 88.34
+-> 79.17 ± 10.11); see ``acr_breakdown``.
 
 A metric undefined for a group (one class only: no ROC curve, G-mean 0/0, MCC 0 by convention)
-is never reported as 0: the cell says ``undefined`` and the CSV carries the reason. Folds where
-it is undefined are left out of the mean; ``n_folds`` says over how many folds a cell averages.
+is never reported as 0: the cell says ``undefined`` (Table 4: ``n/a (one class, n=N)``) and the CSV
+carries the reason. Folds where it is undefined are left out of the mean; ``n_folds`` says over how
+many folds a cell averages.
 """
 from __future__ import annotations
 
@@ -112,8 +115,18 @@ def headline_metrics(scores: pd.DataFrame) -> dict[str, dict[str, dict[str, floa
 
 
 # --- Table 4: ACR breakdown ----------------------------------------------------------------------
+ACR_COLUMNS = ("metric", "acr", "setting", "arch", "mean", "spread", "spread_kind", "n_folds", "n_lesions",
+               "n_malignant", "defined", "reason")
+ONE_CLASS = "one class"
+
+
 def acr_scores(probabilities: pd.DataFrame) -> pd.DataFrame:
-    """Metrics per arch, fold, setting (F, F+C, F+Ĉ) and ACR category present in that fold's test set."""
+    """Metrics per arch, fold, setting (F, F+C, F+Ĉ) and ACR category present in that fold's test set.
+
+    Columns: arch, fold, setting, acr, n_lesions, n_malignant, undefined_reason, auc, gmean, mcc
+    (natural scale; nan with a reason where the group holds one class only). Lesions without a
+    reported ACR category belong to no group and are left out.
+    """
     subset = probabilities[probabilities["setting"].isin(ACR_SETTINGS) & probabilities["acr"].isin(ACR_GROUPS)]
     rows = [
         {"arch": arch, "fold": fold, "setting": setting, "acr": acr, **score(g["label"].to_numpy(), g["p"].to_numpy())}
@@ -123,47 +136,112 @@ def acr_scores(probabilities: pd.DataFrame) -> pd.DataFrame:
                                        "undefined_reason", *METRIC_NAMES])
 
 
-def acr_breakdown(scores: pd.DataFrame) -> pd.DataFrame:
-    """Table 4 (long): metric, acr, setting, arch (incl. AVG), mean, spread, spread_kind, n, reason.
+def _acr_arch_row(group: pd.DataFrame, metric: str) -> dict[str, object]:
+    """One architecture's cell of one metric/ACR/setting: mean ± SEM over the folds where it is defined."""
+    values = group[metric].to_numpy(dtype=float)
+    mean, sem = metrics.mean_and_sem(values)
+    n_folds = int((~np.isnan(values)).sum())
+    if n_folds:
+        reason = ""
+    elif group.empty or int(group["n_lesions"].sum()) == 0:
+        reason = "no lesions"
+    elif (group["undefined_reason"].fillna("").astype(str) != "").all():
+        reason = ONE_CLASS
+    else:
+        reason = "undefined"
+    return {"mean": mean, "spread": sem, "spread_kind": "sem_over_folds", "n_folds": n_folds,
+            "n_lesions": int(group["n_lesions"].sum()), "n_malignant": int(group["n_malignant"].sum()),
+            "defined": bool(n_folds), "reason": reason}
 
-    For an architecture, spread is the SEM over folds and n the folds where the metric is defined;
-    for AVG, spread is the SD across architectures and n the architectures with a defined mean.
+
+def _acr_average_row(cells: list[dict[str, object]]) -> dict[str, object]:
+    """AVG of one metric/ACR/setting: mean of the architectures' defined means ± their SD (ddof=1).
+
+    The lesion counts are the first architecture's: all architectures are scored on the same
+    test lesions of each fold, so they share them.
+    """
+    means = np.array([c["mean"] for c in cells if c["defined"]], dtype=float)
+    reasons = sorted({str(c["reason"]) for c in cells if c["reason"]})
+    return {"mean": float(means.mean()) if means.size else math.nan,
+            "spread": float(means.std(ddof=1)) if means.size > 1 else math.nan,
+            "spread_kind": "sd_over_architectures", "n_folds": int(means.size),
+            "n_lesions": int(cells[0]["n_lesions"]), "n_malignant": int(cells[0]["n_malignant"]),
+            "defined": bool(means.size), "reason": "" if means.size else ("; ".join(reasons) or "no lesions")}
+
+
+def acr_breakdown(scores: pd.DataFrame) -> pd.DataFrame:
+    """Table 4 (tidy, the paper's layout): one row per metric, ACR category, setting and arch, plus ``AVG``.
+
+    ``scores`` is ``acr_scores``' output. Columns: metric, acr, setting, arch, mean, spread,
+    spread_kind, n_folds, n_lesions, n_malignant, defined, reason (mean and spread on the metric's
+    natural scale). ACR categories are a, b, c, d (those present in ``scores``); settings F, F+C, F+Ĉ.
+
+    For an architecture (spread_kind ``sem_over_folds``):
+      mean, spread  mean and standard error of the mean (SD over folds, ddof=1, / sqrt(n_folds))
+                    over the folds where the metric is defined for that group;
+      n_folds       those folds;
+      n_lesions     test lesions of the group summed over the folds (each lesion is a test lesion
+                    in exactly one fold), n_malignant the malignant ones among them;
+      defined       False when no fold defines the metric; reason then says why: ``one class``
+                    when every fold's group held one class only (no ROC curve, G-mean 0/0, MCC 0
+                    by convention; never reported as 0), ``no lesions`` when the group is empty
+                    for that arch and setting; "" when defined.
+    For ``AVG`` (spread_kind ``sd_over_architectures``), as the paper's AVG column:
+      mean          the mean of the architectures' defined means (undefined ones left out);
+      spread        the standard deviation (ddof=1) of those means across architectures (nan with
+                    a single defined architecture), e.g. 68.33, 80.83, 88.34 -> 79.17 ± 10.11;
+      n_folds       the number of architectures with a defined mean;
+      n_lesions     the group's test lesions summed over folds, as for the architectures (they are
+                    scored on the same lesions; the first architecture's count), n_malignant alike;
+      defined       True when at least one architecture is defined, else reason as theirs.
+    Rows are sorted by metric (AUC, G-mean, MCC), acr (a, b, c, d), setting (F, F+C, F+Ĉ), then
+    the architectures in order of appearance in ``scores`` and AVG last, so the CSV is stable.
     """
     if scores.empty:
-        return pd.DataFrame(columns=["metric", "acr", "setting", "arch", "mean", "spread", "spread_kind", "n", "reason"])
-    per_arch = summarize_folds(scores, ["acr", "setting", "arch"])
-    rows = [{"metric": r["metric"], "acr": r["acr"], "setting": r["setting"], "arch": r["arch"],
-             "mean": r["mean"], "spread": r["sem"], "spread_kind": "sem_over_folds", "n": r["n_folds"],
-             "reason": r["reason"]} for _, r in per_arch.iterrows()]
-    for (metric, acr, setting), group in per_arch.groupby(["metric", "acr", "setting"], sort=False):
-        means = group["mean"].to_numpy(dtype=float)
-        defined = means[~np.isnan(means)]
-        rows.append({
-            "metric": metric, "acr": acr, "setting": setting, "arch": AVERAGE,
-            "mean": float(defined.mean()) if defined.size else math.nan,
-            "spread": float(defined.std(ddof=1)) if defined.size > 1 else math.nan,
-            "spread_kind": "sd_over_architectures", "n": int(defined.size),
-            "reason": "" if defined.size else "; ".join(sorted({r for r in group["reason"] if r})),
-        })
-    table = pd.DataFrame(rows)
-    table["_m"] = table["metric"].map({m: i for i, m in enumerate(METRIC_NAMES)})
-    table["_s"] = table["setting"].map({s: i for i, s in enumerate(ACR_SETTINGS)})
-    table = table.sort_values(["_m", "acr", "_s"], kind="stable").drop(columns=["_m", "_s"])
-    return table.reset_index(drop=True)
+        return pd.DataFrame(columns=list(ACR_COLUMNS))
+    archs = _ordered(scores["arch"], ())
+    groups = _ordered(scores["acr"], ACR_GROUPS)
+    settings = _ordered(scores["setting"], ACR_SETTINGS)
+    rows = []
+    for metric in METRIC_NAMES:
+        for acr in groups:
+            for setting in settings:
+                of_group = scores[(scores["acr"] == acr) & (scores["setting"] == setting)]
+                cells = [_acr_arch_row(of_group[of_group["arch"] == arch], metric) for arch in archs]
+                key = {"metric": metric, "acr": acr, "setting": setting}
+                rows += [{**key, "arch": arch, **c} for arch, c in zip(archs, cells)]
+                rows.append({**key, "arch": AVERAGE, **_acr_average_row(cells)})
+    return pd.DataFrame(rows, columns=list(ACR_COLUMNS))
+
+
+def _acr_cell(row: pd.Series) -> str:
+    """``79.2 ± 10.1 (n=37)`` on the paper's scale; ``n/a (one class, n=12)`` when undefined."""
+    n = int(row["n_lesions"])
+    if not row["defined"]:
+        return f"n/a ({row['reason'] or 'undefined'}, n={n})"
+    return f"{format_cell(row['mean'], row['spread'], PAPER_SCALE, digits=1)} (n={n})"
 
 
 def acr_breakdown_markdown(table: pd.DataFrame) -> str:
-    """Table 4 as markdown: rows metric × ACR × setting, columns architectures and AVG (×100)."""
-    archs = _ordered(table["arch"], ())
-    archs = [a for a in archs if a != AVERAGE] + [AVERAGE]
+    """Table 4 as markdown, one table as in the paper: rows metric × ACR × setting (``AUC | b | F+Ĉ``),
+    a column per architecture then AVG; cells ``mean ± spread (n=N)`` ×100 with one decimal,
+    undefined cells ``n/a (one class, n=N)``; a legend below.
+    """
+    archs = [a for a in _ordered(table["arch"], ()) if a != AVERAGE] + [AVERAGE]
     rows = []
-    for (metric, acr, setting), group in table.groupby(["metric", "acr", "setting"], sort=False):
-        cells = group.set_index("arch")
-        rows.append([METRIC_LABELS[metric], acr, setting] + [
-            format_cell(cells.at[a, "mean"], cells.at[a, "spread"], PAPER_SCALE, reason=cells.at[a, "reason"])
-            if a in cells.index else "" for a in archs])
-    note = ("\nPer architecture: mean ± SEM over folds; AVG: mean of the architectures' means ± SD across "
-            "architectures. A group holding one class only has no defined AUC, G-mean or MCC.\n")
+    for metric in _ordered(table["metric"], METRIC_NAMES):
+        of_metric = table[table["metric"] == metric]
+        for acr in _ordered(of_metric["acr"], ACR_GROUPS):
+            of_acr = of_metric[of_metric["acr"] == acr]
+            for setting in _ordered(of_acr["setting"], ACR_SETTINGS):
+                cells = of_acr[of_acr["setting"] == setting].set_index("arch")
+                rows.append([METRIC_LABELS.get(metric, metric), acr, setting]
+                            + [_acr_cell(cells.loc[a]) if a in cells.index else "" for a in archs])
+    note = ("\nPer architecture: mean over the cross-validation folds where the metric is defined ± its standard "
+            "error (SD over those folds / sqrt(their number)). AVG: mean of the architectures' means ± SD across "
+            "architectures (as in the paper). n: test lesions of the group, summed over the folds. AUC and G-mean "
+            "on [0, 100], MCC on [-100, 100]. n/a (one class): every fold's group held one class only, so AUC, "
+            "G-mean and MCC are undefined; never shown as 0, and left out of AVG.\n")
     return _markdown(["Metric", "ACR", "Setting", *archs], rows) + note
 
 

@@ -20,7 +20,9 @@ Per architecture in ``classifier.architectures``:
    printed, set as the stage run's tags (``<arch>.version``, ...) and logged with the rest as
    its ``gate/gate.json`` artifact, but kept out of the DVC-tracked file: it depends on the
    evidence and on the champion's metrics (the one input DVC does not track), not on how many
-   versions the store holds.
+   versions the store holds. Next to the checks, under ``evidence`` (and as ``gate.evidence.*``
+   version tags), the paired tests of the settings' AUC differences and the fusion weights that
+   rest on too few validation lesions (reports/evaluation): reported, not decided on.
 
 A rejected candidate is a normal outcome (exit 0, the reasons printed and recorded); exit 1 is
 for inputs that are missing or broken.
@@ -124,17 +126,20 @@ def gate_architecture(paths: ProjectPaths, params: Params, arch: str, run) -> di
     candidate = build_candidate(paths, params, arch)
     champion = registry.champion_record(name, paths.root)
     decision = decide(paths, params, arch, champion, tracking.data_version(paths.root))
+    evidence = gate_checks.read_evidence(paths, arch)
     tags = {"arch": arch, "serving_fold": candidate.info["serving_fold"], **run.context,
-            **metric_tags(read_reports(paths, arch)["metrics"]), **decision_tags(decision)}
+            **metric_tags(read_reports(paths, arch)["metrics"]), **decision_tags(decision),
+            **gate_checks.evidence_tags(evidence)}
     version = register_candidate(run, candidate, tags)
     registry.set_alias(name, registry.CHALLENGER, version, paths.root)
     previous = None
     if decision.promoted:
         previous = registry.promote(name, version, paths.root, {gate_checks.gate_tag("promoted_by"): "gate"})
     log_decision(run, decision)
+    run.set_tags(gate_checks.evidence_tags(evidence))
     return {"registered_model": name, "version": version, "champion": registry.get_alias(name, registry.CHAMPION,
             paths.root), "previous_champion": previous, "serving_fold": candidate.info["serving_fold"],
-            **decision.to_json()}
+            **decision.to_json(), "evidence": evidence}
 
 
 def tracked_report(report: dict[str, Any]) -> dict[str, Any]:
@@ -169,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{line} -> @champion (previous champion: {entry['previous_champion'] or 'none'})")
         else:
             print(f"{line} (@challenger; champion stays {entry['champion'] or 'unset'}): " + "; ".join(entry["reasons"]))
+        for c in entry["evidence"]["paired_tests"]:
+            ci = "n/a" if c["ci_low"] is None else f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
+            print(f"  {c['comparison']}: AUC difference {c['auc_difference']:+.3f}, 95 % CI {ci}, DeLong p "
+                  f"{'n/a' if c['delong_p'] is None else format(c['delong_p'], '.3g')}")
+        if entry["evidence"]["weight_warnings"]:
+            print(f"  {len(entry['evidence']['weight_warnings'])} fusion weights rest on too few validation lesions "
+                  "(reports/evaluation/weights.md)")
     return 0
 
 
