@@ -200,6 +200,10 @@ def _write_fused_project(root: Path) -> Path:
         out = paths.predictions_dir / "resnet18" / f"{modality}_{view}.csv"
         out.parent.mkdir(parents=True, exist_ok=True)
         group.to_csv(out, index=False)
+    # What preprocess writes that the gate reads: the index's simulated flag (for the model card).
+    paths.processed_index.parent.mkdir(parents=True, exist_ok=True)
+    frame[["image_id", "patient_id", "view", "modality"]].drop_duplicates("image_id").assign(
+        simulated=True, synthetic=False).to_csv(paths.processed_index, index=False)
     # The evaluate stage's evidence tables the gate reports (computed by the real functions).
     from virtual_biopsy.evaluation.paired_tests import paired_comparisons
     from virtual_biopsy.evaluation.settings import lesion_probabilities, prepare_folds

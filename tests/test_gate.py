@@ -156,3 +156,30 @@ def test_gate_without_the_evaluations_evidence_names_the_missing_file(fused_proj
     (fused_project / "reports" / "evaluation" / "paired_tests.csv").unlink()
     assert gate_stage.main(["--root", str(fused_project)]) == 1
     assert "paired_tests.csv: missing (run the evaluate stage first)" in capsys.readouterr().err
+
+
+def test_gate_writes_a_model_card_and_makes_it_the_versions_description(fused_project):
+    assert gate_stage.main(["--root", str(fused_project)]) == 0
+    card = (fused_project / "reports" / "model_cards" / "resnet18.md").read_text(encoding="utf-8")
+    assert card.startswith(f"# Model card: {NAME}") and "Research use only" in card
+    assert "**Simulated data.**" in card
+    predictions = pd.concat(pd.read_csv(p) for p in (fused_project / "outputs" / "predictions" / "resnet18").glob("*.csv"))
+    test = predictions[(predictions["subset"] == "test") & (predictions["source"] == "real")].drop_duplicates("lesion_id")
+    assert f"{test['patient_id'].nunique()} patients, {len(test)} lesions ({int(test['label'].sum())} malignant" in card
+    assert "| F+Ĉ | 71.0 ± n/a |" in card  # the fixture's metrics.json: F+Ĉ AUC 0.71, no SEM
+    assert "| F+Ĉ vs F |" in card and "Calibration: not assessed" in card
+    assert "promoted (every check passed)" in card
+    version = registry.versions(NAME, str(fused_project))[-1]
+    client = tracking.get_client(str(fused_project))
+    assert client.get_model_version(NAME, version).description == card
+    # Same evidence, same bytes: no version number, run id or time in the card.
+    assert gate_stage.main(["--root", str(fused_project)]) == 0
+    assert (fused_project / "reports" / "model_cards" / "resnet18.md").read_text(encoding="utf-8") == card
+
+
+def test_gate_drops_the_model_card_of_an_architecture_no_longer_gated(fused_project):
+    stale = fused_project / "reports" / "model_cards" / "vgg16.md"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("an old card")
+    assert gate_stage.main(["--root", str(fused_project)]) == 0
+    assert sorted(p.name for p in stale.parent.iterdir()) == ["resnet18.md"]

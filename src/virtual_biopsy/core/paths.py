@@ -142,6 +142,13 @@ class ProjectPaths:
         return self.reports / "gate.json"
 
     @property
+    def model_cards_dir(self) -> Path:
+        return self.reports / "model_cards"
+
+    def model_card(self, arch: str) -> Path:
+        return self.model_cards_dir / f"{arch}.md"
+
+    @property
     def mlruns(self) -> Path:
         """Embedded MLflow store: SQLite database + artifact folder."""
         return self.root / "mlruns"

@@ -262,6 +262,19 @@ def read_evidence(paths: ProjectPaths, arch: str) -> dict[str, Any]:
             "weight_warnings": [f"fold {r['fold']} {r['level']} {r['input']}: {r['warning']}" for _, r in thin.iterrows()]}
 
 
+def simulated_share(paths: ProjectPaths) -> float:
+    """Share of the processed images that are simulated (``simulated`` column of the index)."""
+    import pandas as pd
+
+    index = paths.processed_index
+    if not index.exists():
+        raise GateInputError(f"{index}: missing (run the preprocess stage first)")
+    column = pd.read_csv(index, usecols=lambda c: c == "simulated")
+    if "simulated" not in column or column.empty:
+        raise GateInputError(f"{index}: no 'simulated' column (rerun preprocess)")
+    return float(column["simulated"].astype(str).str.lower().eq("true").mean())
+
+
 def evidence_tags(evidence: Mapping[str, Any]) -> dict[str, str]:
     """``gate.evidence.<A>_vs_<B>`` = "difference [low, high], DeLong p" and the weight-warning count."""
     tags = {gate_tag("evidence.weight_warnings"): str(len(evidence["weight_warnings"]))}

@@ -20,7 +20,8 @@ Per architecture in ``classifier.architectures``:
    printed, set as the stage run's tags (``<arch>.version``, ...) and logged with the rest as
    its ``gate/gate.json`` artifact, but kept out of the DVC-tracked file: it depends on the
    evidence and on the champion's metrics (the one input DVC does not track), not on how many
-   versions the store holds. Next to the checks, under ``evidence`` (and as ``gate.evidence.*``
+   versions the store holds. The model card (evaluation/model_card.py) goes to
+   reports/model_cards/<arch>.md, the model's artifacts and the version's description. Next to the checks, under ``evidence`` (and as ``gate.evidence.*``
    version tags), the paired tests of the settings' AUC differences and the fusion weights that
    rest on too few validation lesions (reports/evaluation): reported, not decided on.
 
@@ -34,7 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from virtual_biopsy.core.atomic import write_json
+from virtual_biopsy.core.atomic import atomic_dir, write_json, write_text
 from virtual_biopsy.core.config import MODALITIES, VIEWS, ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.evaluation import gate_checks
@@ -48,6 +49,7 @@ from virtual_biopsy.evaluation.gate_checks import (
     serving_fold,
     slug,
 )
+from virtual_biopsy.evaluation.model_card import cohort_counts, model_card_markdown
 from virtual_biopsy.evaluation.predictions import PredictionsError, load_predictions
 from virtual_biopsy.mlops import registry, tracking
 from virtual_biopsy.models.weights import load_classifier, load_generator_weights
@@ -64,12 +66,15 @@ REGISTRY_KEYS = ("version", "champion", "previous_champion")
 # ---------------------------------------------------------------------------------------------
 
 
-def build_candidate(paths: ProjectPaths, params: Params, arch: str) -> fused_model.FusedPipeline:
-    """Assemble the fused pipeline of ``arch`` from the stages' outputs (module docstring, step 1)."""
+def read_gate_predictions(paths: ProjectPaths, arch: str):
     try:
-        predictions = load_predictions(paths, [arch], MODALITIES, VIEWS)
+        return load_predictions(paths, [arch], MODALITIES, VIEWS)
     except PredictionsError as exc:
         raise GateInputError(str(exc)) from exc
+
+
+def build_candidate(paths: ProjectPaths, params: Params, arch: str, predictions) -> fused_model.FusedPipeline:
+    """Assemble the fused pipeline of ``arch`` from the stages' outputs (module docstring, step 1)."""
     folds = fold_validation(predictions, arch, VIEWS)
     chosen = serving_fold(folds)
     generators, generator_info = {}, {}
@@ -96,19 +101,20 @@ def build_candidate(paths: ProjectPaths, params: Params, arch: str) -> fused_mod
 # ---------------------------------------------------------------------------------------------
 # Registration and the decision
 # ---------------------------------------------------------------------------------------------
-def register_candidate(run, candidate: fused_model.FusedPipeline, tags: dict[str, Any]) -> str:
-    """Log the pyfunc (bundle, signature, input example, package code) and register a new version."""
+def register_candidate(run, candidate: fused_model.FusedPipeline, tags: dict[str, Any], card: str) -> str:
+    """Log the pyfunc (bundle, signature, input example, package code) with its model card and
+    register a new version whose description is the card (the MLflow UI renders it)."""
     with tempfile.TemporaryDirectory() as tmp:
         bundle = fused_model.save_bundle(candidate, Path(tmp) / fused_model.BUNDLE_ARTIFACT)
         with run.child(f"pipeline-{candidate.arch}", tags={"arch": candidate.arch}) as model_run:
             model_run.log_dict(fused_model.describe(candidate), "pipeline.json")
+            model_run.log_text(card, "model_card.md")
             return registry.log_and_register_pyfunc(
                 model_run, fused_model.FusedPipelineModel(), "fused_pipeline", fused_model.registered_name(candidate.arch),
                 artifacts={fused_model.BUNDLE_ARTIFACT: str(bundle)}, signature=fused_model.pyfunc_signature(),
                 input_example=fused_model.input_example(candidate.image_size),
                 code_paths=[str(fused_model.package_dir())], pip_requirements=fused_model.pip_requirements(),
-                tags=tags, description=f"Fused virtual-biopsy pipeline (Algorithm 1), {candidate.arch}, "
-                                       f"serving fold {candidate.info.get('serving_fold')}")
+                tags=tags, description=card)
 
 
 def log_decision(run, decision: gate_checks.GateDecision) -> None:
@@ -120,17 +126,27 @@ def log_decision(run, decision: gate_checks.GateDecision) -> None:
     run.log_dict(decision.to_json(), "gate/decision.json")
 
 
-def gate_architecture(paths: ProjectPaths, params: Params, arch: str, run) -> dict[str, Any]:
-    """Steps 1-3 of the module docstring for one architecture; returns its gate.json entry."""
+def gate_architecture(paths: ProjectPaths, params: Params, arch: str, run, cards: Path) -> dict[str, Any]:
+    """Steps 1-3 of the module docstring for one architecture, its model card into the folder
+    ``cards``; returns its gate.json entry."""
     name = fused_model.registered_name(arch)
-    candidate = build_candidate(paths, params, arch)
+    predictions = read_gate_predictions(paths, arch)
+    candidate = build_candidate(paths, params, arch, predictions)
     champion = registry.champion_record(name, paths.root)
-    decision = decide(paths, params, arch, champion, tracking.data_version(paths.root))
+    data_version = tracking.data_version(paths.root)
+    decision = decide(paths, params, arch, champion, data_version)
     evidence = gate_checks.read_evidence(paths, arch)
+    reports = read_reports(paths, arch)
+    card = model_card_markdown(
+        arch=arch, registered_name=name, data_version=data_version,
+        simulated_share=gate_checks.simulated_share(paths), cohort=cohort_counts(predictions, arch),
+        metrics=reports["metrics"], paired=evidence["paired_tests"], weight_warnings=evidence["weight_warnings"],
+        generator_means=reports["generator_means"], serving_fold=candidate.info["serving_fold"],
+        decision=decision.decision, reasons=decision.reasons)
+    write_text(cards / paths.model_card(arch).name, card)
     tags = {"arch": arch, "serving_fold": candidate.info["serving_fold"], **run.context,
-            **metric_tags(read_reports(paths, arch)["metrics"]), **decision_tags(decision),
-            **gate_checks.evidence_tags(evidence)}
-    version = register_candidate(run, candidate, tags)
+            **metric_tags(reports["metrics"]), **decision_tags(decision), **gate_checks.evidence_tags(evidence)}
+    version = register_candidate(run, candidate, tags, card)
     registry.set_alias(name, registry.CHALLENGER, version, paths.root)
     previous = None
     if decision.promoted:
@@ -150,9 +166,10 @@ def tracked_report(report: dict[str, Any]) -> dict[str, Any]:
 def run_gate(paths: ProjectPaths, params: Params) -> dict[str, Any]:
     """Gate every configured architecture; write reports/gate.json; return the full report (with versions)."""
     report = {}
-    with tracking.stage_run(STAGE, root=paths.root, params=params) as run:
+    # The model cards are one set: a card of an architecture no longer configured does not stay.
+    with tracking.stage_run(STAGE, root=paths.root, params=params) as run, atomic_dir(paths.model_cards_dir) as cards:
         for arch in params.classifier.architectures:
-            report[arch] = gate_architecture(paths, params, arch, run)
+            report[arch] = gate_architecture(paths, params, arch, run, cards)
         write_json(paths.gate_report, tracked_report(report))
         run.set_tags({f"{arch}.{key}": entry[key] for arch, entry in report.items() for key in REGISTRY_KEYS})
         run.log_dict(report, "gate/gate.json")
