@@ -24,8 +24,8 @@ install: $(STAMP)  ## virtual environment with the pinned requirements, offline 
 system-deps:  ## Debian packages the tests need (PostgreSQL server binaries)
 	@bash scripts/install_system_deps.sh
 
-test: system-deps install  ## set up, then run the whole test suite
-	$(BIN)/pytest
+test: system-deps install  ## set up, then run the whole test suite (2 workers; the e2e tests share one)
+	$(BIN)/pytest -n 2 --dist loadgroup
 
 demo: install  ## set up, synthesise the embedded dataset if missing, dvc repro, say where results are
 	@bash scripts/demo.sh

@@ -22,6 +22,10 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 # DVC would otherwise leave a temp file per command and spawn a daemon to post usage analytics.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# `make test` runs two pytest workers on 2 cores: a torch process with two threads beside another
+# busy process spends its time in OpenMP barriers, so every process of the suite (the stages it
+# starts inherit this) computes on one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="module")
@@ -278,58 +282,72 @@ def processed_project(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def tiny_pipeline_run(tmp_path_factory) -> Path:
-    """A tiny project (tests/tiny_pipeline.py) after a real `dvc repro` on the embedded MLflow store."""
-    from tiny_pipeline import make_tiny_project, repro
-
-    root = make_tiny_project(tmp_path_factory.mktemp("e2e") / "project")
-    repro(root)
-    return root
-
-
 @dataclass(frozen=True)
 class CloneRun:
-    """The second whole pipeline run of the session (see :func:`clone_run_on_team_stack`)."""
+    """The session's two whole pipeline runs (see :func:`_tiny_pipeline_runs`)."""
 
     first: Path       # the session's tiny pipeline run (embedded store)
-    clone: Path       # its fresh clone, after `dvc repro` against the team stack
-    committed: tuple[str, ...]  # what the clone's commit added: dvc.lock and the reports git tracks
+    clone: Path       # a fresh clone of the same commit, after `dvc repro` against the team stack
+    committed: tuple[str, ...]  # what a user commits after a run: dvc.lock and the reports git tracks
     experiment: str   # the MLflow experiment the clone's runs went to, on the server
 
 
 @pytest.fixture(scope="session")
-def clone_run_on_team_stack(tiny_pipeline_run, team_stack, tmp_path_factory) -> CloneRun:  # noqa: F811
-    """A fresh clone of the session's tiny pipeline run, reproduced on another MLflow store.
+def _tiny_pipeline_runs(tmp_path_factory, team_stack) -> CloneRun:  # noqa: F811
+    """Two runs of the real pipeline (`dvc repro`, every stage) of one tiny project, at once.
 
-    The run is committed the way the project commits one (dvc.lock and the reports git tracks),
-    cloned, and every stage reruns with `dvc repro` in the clone (no DVC cache, no outputs) with
-    only MLFLOW_TRACKING_URI pointing at the team stack (server, PostgreSQL, artifacts in S3). One
-    run serves two claims, each checked by its own module: test_reproducible_state (same dvc.lock,
-    same reports, honest git tags, whichever store) and test_team_stack (every stage's runs,
-    artifacts and aliases are on the server). A whole tiny pipeline costs minutes on 2 cores, so
-    the session runs it once rather than once per claim.
+    The first runs in the tiny project (tests/tiny_pipeline.py) on its embedded SQLite store; the
+    second in a fresh clone of the same commit (no outputs, no DVC cache, data/raw as `dvc pull`
+    brings it) with only MLFLOW_TRACKING_URI pointing at the team stack (server, PostgreSQL,
+    artifacts in S3). They run concurrently, one torch thread each (OMP_NUM_THREADS, above): a
+    tiny run is mostly process start-up, imports and MLflow calls, so two share 2 cores well, and a
+    whole tiny pipeline costs minutes. Under `make test`'s two workers every test that uses them
+    is in the xdist group ``tiny_pipeline``, so one worker runs the pair once. The pair serves
+    every end-to-end claim: test_pipeline_e2e, test_dvc_plots (the first run),
+    test_reproducible_state (the second reproduces the first byte for byte, whichever store) and
+    test_team_stack (the second's runs, artifacts and aliases are on the server).
     """
     import subprocess
     import uuid
 
-    from tiny_pipeline import REPO, repro, run
+    from tiny_pipeline import BIN, REPO, make_tiny_project, run
 
     from virtual_biopsy.mlops import tracking
 
-    first = tiny_pipeline_run
+    first = make_tiny_project(tmp_path_factory.mktemp("e2e") / "project")
     clone = tmp_path_factory.mktemp("clone") / "project"
-    git = ["git", "-c", "user.email=t@example.org", "-c", "user.name=test"]
     run(["git", "clone", "-q", str(first), str(clone)], clone.parent)
+    shutil.copytree(first / "data" / "raw", clone / "data" / "raw")  # what `dvc pull data.dvc` brings
+    experiment = f"vb-clone-{uuid.uuid4().hex[:8]}"
+    envs = {first: dict(os.environ), clone: {**team_stack.client_env(), tracking.EXPERIMENT_ENV: experiment}}
+    for env in envs.values():  # the copies have no .venv: scripts/python.sh finds this venv's python3 on PATH
+        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    logs = {root: open(root.parent / "repro.log", "w") for root in envs}
+    procs = {root: subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=root, env=env, stdout=logs[root],
+                                    stderr=subprocess.STDOUT) for root, env in envs.items()}
+    try:
+        for root, proc in procs.items():
+            if proc.wait(timeout=1500) != 0:
+                raise AssertionError(f"dvc repro in {root} failed ({proc.returncode}):\n"
+                                     + (root.parent / "repro.log").read_text()[-6000:])
+    finally:
+        for root, proc in procs.items():
+            if proc.poll() is None:
+                proc.kill()
+            logs[root].close()
     tracked = subprocess.run(["git", "ls-files", "reports"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.split()
     committed = ("dvc.lock", *(p for p in tracked if (first / p).is_file()))
-    for rel in committed:
-        (clone / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(first / rel, clone / rel)
-    run([*git, "add", *committed], clone)
-    run([*git, "commit", "-q", "-m", "pipeline run"], clone)
-    shutil.copytree(first / "data" / "raw", clone / "data" / "raw")  # what `dvc pull data.dvc` brings
-    experiment = f"vb-clone-{uuid.uuid4().hex[:8]}"
-    repro(clone, env={**team_stack.client_env(), tracking.EXPERIMENT_ENV: experiment})
     return CloneRun(first, clone, committed, experiment)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_run(_tiny_pipeline_runs) -> Path:
+    """A tiny project (tests/tiny_pipeline.py) after a real `dvc repro` on the embedded MLflow store."""
+    return _tiny_pipeline_runs.first
+
+
+@pytest.fixture(scope="session")
+def clone_run_on_team_stack(_tiny_pipeline_runs) -> CloneRun:
+    """A fresh clone of the tiny project's commit, reproduced on the team stack (_tiny_pipeline_runs)."""
+    return _tiny_pipeline_runs

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from tiny_pipeline import BIN, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_pipeline")]  # one worker runs the pair
 
 STAGES = ("ingest", "preprocess", "validate_data", "split", "train_generator", "impute", "train_classifier",
           "evaluate", "gate")
