@@ -41,6 +41,16 @@ else
   fi
 fi
 
+# One torch (OpenMP) thread per stage unless the caller sets OMP_NUM_THREADS: PyTorch's CPU
+# results depend on the intra-op thread count (the same 3 training steps give other weights with 1
+# and 2 threads), so a pinned count makes a fresh clone reproduce the committed dvc.lock on any CPU
+# machine, whatever its core count; at the CPU profile's sizes a second thread bought 8 % per step
+# (267 vs 245 ms, idle, 2 cores), and two threads beside another busy process stall in OpenMP
+# barriers. A GPU run computes on the GPU; raise it for CPU runs at larger sizes (results then
+# differ from the committed ones in the last bits).
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export OMP_NUM_THREADS
+
 if [ -d "$root/src/virtual_biopsy" ]; then
   PYTHONPATH=$root/src${PYTHONPATH:+:$PYTHONPATH}
   export PYTHONPATH
