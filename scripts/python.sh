@@ -43,11 +43,12 @@ fi
 
 # One torch (OpenMP) thread per stage unless the caller sets OMP_NUM_THREADS: PyTorch's CPU
 # results depend on the intra-op thread count (the same 3 training steps give other weights with 1
-# and 2 threads), so a pinned count makes a fresh clone reproduce the committed dvc.lock on any CPU
-# machine, whatever its core count; at the CPU profile's sizes a second thread bought 8 % per step
-# (267 vs 245 ms, idle, 2 cores), and two threads beside another busy process stall in OpenMP
-# barriers. A GPU run computes on the GPU; raise it for CPU runs at larger sizes (results then
-# differ from the committed ones in the last bits).
+# and 2 threads), so a pinned count makes a fresh clone reproduce the committed dvc.lock whatever
+# its machine's core count. The price, measured on 2 cores: a CPU-profile generator epoch takes
+# ~11 s instead of ~7.5 s with two threads; two threads beside another busy process stall in
+# OpenMP barriers (a 2-thread step took 7.9 s instead of 0.25 s). Set OMP_NUM_THREADS=2 (or more)
+# for speed; the numbers then differ from the committed ones in the last bits. A GPU run computes
+# on the GPU either way.
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export OMP_NUM_THREADS
 
