@@ -41,6 +41,7 @@ def test_the_project_points_dvc_at_the_offline_page_template():
 
 
 @pytest.mark.xdist_group("tiny_pipeline")
+@pytest.mark.timeout(1800)  # the first test of the group pays for the session's two pipeline runs
 def test_roc_plot_draws_one_curve_per_architecture_and_setting(tiny_pipeline_run):
     spec = json.loads(_dvc(tiny_pipeline_run, "plots", "show", "--show-vega", "reports/evaluation/roc.csv"))
     encoding = spec["encoding"]
@@ -52,6 +53,7 @@ def test_roc_plot_draws_one_curve_per_architecture_and_setting(tiny_pipeline_run
 
 
 @pytest.mark.xdist_group("tiny_pipeline")
+@pytest.mark.timeout(1800)  # the first test of the group pays for the session's two pipeline runs
 def test_plots_page_renders_offline_with_figures_3_to_5(tiny_pipeline_run, tmp_path):
     template = _offline_template()
     browser = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from tiny_pipeline import BIN, run
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_pipeline")]  # one worker runs the pair
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_pipeline"),  # one worker runs the pair
+              pytest.mark.timeout(1800)]  # the first test of the group pays for both runs
 
 STAGES = ("ingest", "preprocess", "validate_data", "split", "train_generator", "impute", "train_classifier",
           "evaluate", "gate")

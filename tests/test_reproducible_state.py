@@ -87,6 +87,7 @@ def test_pipeline_output_pathspecs_cover_templated_stage_outputs():
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("tiny_pipeline")
+@pytest.mark.timeout(1800)  # the first test of the group pays for the session's two pipeline runs
 def test_a_fresh_clone_reproduces_the_committed_dvc_lock_and_reports(clone_run_on_team_stack, team_stack):
     first, clone = clone_run_on_team_stack.first, clone_run_on_team_stack.clone
     committed = clone_run_on_team_stack.committed

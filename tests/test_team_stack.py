@@ -251,6 +251,7 @@ def test_retrain_script_pulls_reproduces_diffs_and_pushes(team_stack, tmp_path):
 
 
 @pytest.mark.xdist_group("tiny_pipeline")
+@pytest.mark.timeout(1800)  # the first test of the group pays for the session's two pipeline runs
 def test_tiny_pipeline_runs_against_the_server_with_artifacts_in_s3(team_stack, clone_run_on_team_stack):  # noqa: F811
     """`dvc repro` of the real pipeline (conftest's fresh clone of the session's tiny run) with only
     MLFLOW_TRACKING_URI pointing at the team stack: stage runs, their artifacts (in the bucket) and
