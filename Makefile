@@ -35,7 +35,7 @@ retrain: install  ## what CI's retraining workflow does: pull, repro, gate, push
 
 ui: install  ## serve the MLflow UI on the embedded store (prints the pages to open, in model-training mode)
 	@MLFLOW_TRACKING_URI= $(BIN)/vbiopsy pipeline links
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --port 5000
 
 plots: install  ## dvc plots show: ROC per setting, Figures 3-5 in dvc_plots/index.html (works offline)
 	$(BIN)/dvc plots show

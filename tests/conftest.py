@@ -26,6 +26,9 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 # busy process spends its time in OpenMP barriers, so every process of the suite (the stages it
 # starts inherit this) computes on one thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Every mlflow server/ui a test starts skips MLflow 3's GenAI job runner (three huey consumer
+# processes polling for the whole session), as `vbiopsy server` does (mlops/server.py).
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
 @pytest.fixture(scope="module")

@@ -290,7 +290,7 @@ class ParamsReads:
 
 
 TINY_GENERATOR = {"ngf": 4, "ndf": 4, "n_residual_blocks": 1}
-DYNAMIC = ("ingest", "preprocess", "validate_data", "split", "impute", "evaluate", "gate")
+DYNAMIC = ("ingest", "preprocess", "validate_data", "split", "observer_ceiling", "impute", "evaluate", "gate")
 STATIC = ("train_generator", "train_classifier")  # too slow to run here, even tiny: checked on the source
 
 
@@ -336,7 +336,7 @@ def _write_generator_reports(root: Path) -> None:
 @pytest.fixture(scope="module")
 def params_reads(processed_project, _fused_template, copy_project, tmp_path_factory) -> dict[str, set[str]]:
     """Stage definition -> the params keys it read, each fast stage run once for real (module docstring)."""
-    from virtual_biopsy.stages import evaluate, gate, impute, ingest, preprocess, split, validate_data
+    from virtual_biopsy.stages import evaluate, gate, impute, ingest, observer_ceiling, preprocess, split, validate_data
 
     base = tmp_path_factory.mktemp("params-reads")
     data_root = copy_project(processed_project, base / "data",
@@ -347,6 +347,7 @@ def params_reads(processed_project, _fused_template, copy_project, tmp_path_fact
         ("preprocess", preprocess, data_root, ["--no-mlflow"]),
         ("validate_data", validate_data, data_root, ["--no-mlflow"]),
         ("split", split, data_root, ["--no-mlflow"]),
+        ("observer_ceiling", observer_ceiling, data_root, ["--no-mlflow"]),
         ("impute", impute, data_root, ["--no-mlflow"]),
         ("gate", gate, fused_root, []),  # the gate always logs: MLflow in the copy's embedded store
         ("evaluate", evaluate, fused_root, ["--no-mlflow"]),  # after the gate: it rewrites metrics.json

@@ -34,6 +34,21 @@ def test_report_holds_table3_fields_for_every_fold_and_their_mean(generator_proj
     assert (generator_project / "reports" / "generator" / "figure3_CC.png").stat().st_size > 0
 
 
+def test_report_adds_breast_only_and_lesion_metrics_for_the_generator_and_the_le_baseline(generator_project):
+    from virtual_biopsy.evaluation.scoring import LESION_METRIC_NAMES
+
+    rep = report(generator_project)
+    for fold in rep["folds"]:
+        assert {*LESION_METRIC_NAMES, *(f"baseline_{k}" for k in LESION_METRIC_NAMES)} <= set(fold)
+        assert fold["lesion_images"] > 0
+        assert -1 <= fold["breast_ssim"] <= 1 and fold["breast_mse"] >= 0
+        # LE carries no iodine: taken as the CESM estimate its lesions enhance less than the real DES's.
+        assert fold["baseline_enhancement_error"] < 0
+        assert fold["baseline_abs_enhancement_error"] >= abs(fold["baseline_enhancement_error"]) - 1e-12
+    # Breast-only SSIM leaves the air and padding out, where the baseline and G(LE) are both 0 = real.
+    assert rep["mean"]["baseline_breast_ssim"] < rep["mean"]["baseline_ssim"]
+
+
 def test_every_fold_leaves_final_weights_and_no_checkpoint_for_the_dvc_cache(generator_project):
     """Checkpoints exist to resume a killed run; once every fold finished they are removed."""
     model_dir = generator_project / "models" / "generator" / "CC"

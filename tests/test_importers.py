@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import io
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +19,17 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
 from virtual_biopsy.data.importers import ImporterError, import_release, register
+from virtual_biopsy.core.config import IngestConfig
+from virtual_biopsy.data.importers import via
 from virtual_biopsy.data.importers.cdd_cesm import (
     ANNOTATION_FILE_NAMES,
     LOW_ENERGY_FOLDER,
+    SEGMENTATION_FILE_NAME,
     SUBTRACTED_FOLDER,
 )
-from virtual_biopsy.data.layout import FILE_NAME_RE, METADATA_COLUMNS
+from virtual_biopsy.data.ingest import ingest_raw
+from virtual_biopsy.data.layout import FILE_NAME_RE, LESION_COLUMNS, METADATA_COLUMNS
+from virtual_biopsy.data.lesions import read_mask_png
 from virtual_biopsy.dicom.cesm import (
     DIGITAL_MG_FOR_PRESENTATION,
     IMAGE_TYPE_DES,
@@ -61,6 +69,42 @@ def sheet_row(name, patient, side, typ, age, acr, view, pathology):
     return [name, patient, side, typ, age, acr, 4, "mass", view, "", "GE", pathology]
 
 
+# Released CDD-CESM segmentation CSV columns (a VGG Image Annotator export), in the released order.
+VIA_COLUMNS = ["#filename", "file_size", "file_attributes", "region_count", "region_id",
+               "region_shape_attributes", "region_attributes"]
+
+
+def write_segmentations(path: Path, regions: list[tuple[str, dict | str]]) -> None:
+    """A VIA CSV export: one row per (file name, region shape), the shape as JSON (a str as it is)."""
+    per_file: dict[str, int] = {}
+    for name, _ in regions:
+        per_file[name] = per_file.get(name, 0) + 1
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(VIA_COLUMNS)
+        seen: dict[str, int] = {}
+        for name, shape in regions:
+            region_id = seen.setdefault(name, 0)
+            seen[name] += 1
+            text = shape if isinstance(shape, str) else json.dumps(shape, separators=(",", ":"))
+            writer.writerow([name, 12345, "{}", per_file[name], region_id, text, '{"lesion":"mass"}'])
+
+
+# The fixture's outlines (images are 24 rows x 32 columns): CSV rows 2.. in this order.
+ELLIPSE = {"name": "ellipse", "cx": 8, "cy": 12, "rx": 5, "ry": 3}
+SQUARE = {"name": "polygon", "all_points_x": [20, 28, 28, 20], "all_points_y": [4, 4, 10, 10]}
+TURNED_ELLIPSE = {"name": "ellipse", "cx": 16, "cy": 12, "rx": 8, "ry": 2, "theta": math.pi / 2}
+FIXTURE_OUTLINES = [
+    ("P1_L_CM_CC.jpg", ELLIPSE),              # row 2: two regions of one image, united
+    ("P1_L_CM_CC.jpg", SQUARE),               # row 3
+    ("P1_L_DM_CC .jpg", TURNED_ELLIPSE),      # row 4: stray space before .jpg, as released
+    ("P2_R_DM_MLO.jpg", {"name": "point", "cx": 5, "cy": 5}),  # row 5: a point only: no mask
+    ("P2_R_CM_MLO.jpg", {}),                  # row 6: an image without a region
+    ("P9_L_CM_CC.jpg", {"name": "circle", "cx": 5, "cy": 5, "r": 3}),  # row 7: not in the release
+    ("P5_L_DM_CC.jpg", SQUARE),               # row 8: its image is unreadable, not imported
+]
+
+
 def write_sheet(path: Path, rows: list[list], columns=CDD_COLUMNS, sheet="all") -> None:
     book = openpyxl.Workbook()
     book.active.title = sheet
@@ -94,7 +138,7 @@ def cdd_release(tmp_path: Path) -> Path:
         sheet_row("P4_L_DM_CC", 4, "L", "DM", 40, "C", "CC", "Benign"),     # image missing from release
         sheet_row("P5_L_DM_CC", 5, "L", "DM", 45, "D", "CC", "Malignant"),
     ])
-    (root / "Radiology_hand_drawn_segmentations_v2.csv").write_text("#filename,region_shape_attributes\n")
+    write_segmentations(root / SEGMENTATION_FILE_NAME, FIXTURE_OUTLINES)
     (root / "Medical reports for cases").mkdir()
     (root / "Medical reports for cases" / "P1.docx").write_bytes(b"PK\x03\x04")
     return root
@@ -166,12 +210,12 @@ def test_cdd_cesm_reports_malformed_name_missing_image_unreadable_file_and_unmat
     assert "does not follow P<number>_<L|R>_<DM|CM>_<CC|MLO>.jpg" in rejected[f"{LOW_ENERGY_FOLDER}/P3_left_DM_CC.jpg"]
     assert "unreadable JPEG" in rejected[f"{LOW_ENERGY_FOLDER}/P5_L_DM_CC.jpg"]
     assert "no row for P6_R_DM_CC" in rejected[f"{LOW_ENERGY_FOLDER}/P6_R_DM_CC.jpg"]
-    unmatched = report[report.status == "unmatched"]
+    unmatched = report[(report.status == "unmatched") & report.index.str.startswith(ANNOTATION_FILE_NAMES[0])]
     assert list(unmatched.reason) == ["no image file named P4_L_DM_CC.jpg in the release"]
     assert "row 7 (P4_L_DM_CC)" in unmatched.index[0]
     ignored = report[report.status == "ignored"]
     assert sorted(ignored.index) == sorted(
-        [ANNOTATION_FILE_NAMES[0], "Medical reports for cases/P1.docx", "Radiology_hand_drawn_segmentations_v2.csv"]
+        [ANNOTATION_FILE_NAMES[0], "Medical reports for cases/P1.docx", SEGMENTATION_FILE_NAME]
     )
     every_file = {p.relative_to(cdd_release).as_posix() for p in cdd_release.rglob("*") if p.is_file()}
     assert every_file <= set(report.index)  # nothing dropped silently
@@ -206,6 +250,120 @@ def test_cdd_cesm_import_twice_gives_identical_bytes(cdd_release, tmp_path):
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
     assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
+
+
+# --- CDD-CESM lesion outlines ------------------------------------------------------------------
+
+def _masks_by_image(dest: Path) -> dict[str, np.ndarray]:
+    lesions = pd.read_csv(dest / "lesions.csv", dtype=str, keep_default_na=False)
+    return {row.file: read_mask_png(dest / row.mask) for row in lesions.itertuples()}
+
+
+def test_cdd_cesm_outlines_become_one_mask_per_image_in_the_dicom_geometry(cdd_release, tmp_path):
+    dest = tmp_path / "raw"
+    import_release("cdd-cesm", cdd_release, dest)
+    lesions = pd.read_csv(dest / "lesions.csv", dtype=str, keep_default_na=False)
+    assert list(lesions.columns) == list(LESION_COLUMNS)
+    assert list(lesions.file) == ["images/P1/S1/P1_S1_LCC_LOW_ENERGY.dcm", "images/P1/S1/P1_S1_LCC_RECOMBINED.dcm"]
+    assert list(lesions["mask"]) == ["masks/P1/S1/P1_S1_LCC_LOW_ENERGY.png", "masks/P1/S1/P1_S1_LCC_RECOMBINED.png"]
+    assert set(lesions.source) == {"annotation"}
+    assert (lesions[["uptake", "le_density_excess", "glandular_around"]] == "").all().all()  # nobody knows them
+    for file, mask in _masks_by_image(dest).items():
+        ds = pydicom.dcmread(dest / file)
+        assert mask.shape == (ds.Rows, ds.Columns) == (24, 32)
+    assert sorted(p.relative_to(dest).as_posix() for p in (dest / "masks").rglob("*")
+                  if p.is_file()) == sorted(lesions["mask"])
+
+
+def test_cdd_cesm_ellipse_and_polygon_are_rasterised_where_they_were_drawn(cdd_release, tmp_path):
+    dest = tmp_path / "raw"
+    import_release("cdd-cesm", cdd_release, dest)
+    masks = _masks_by_image(dest)
+    des = masks["images/P1/S1/P1_S1_LCC_RECOMBINED.dcm"]  # ellipse and square, united
+    rows, cols = np.nonzero(des[:, :15])                   # the ellipse: centre (x 8, y 12), radii 5 x 3
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == pytest.approx((9, 15, 3, 13), abs=1)
+    assert des[12, 8] and not des[12, 15] and not des[5, 8]
+    assert des[4:11, 20:29].all() and not des[:, 29:].any() and not des[12:, 16:].any()  # the square x 20-28, y 4-10
+    le = masks["images/P1/S1/P1_S1_LCC_LOW_ENERGY.dcm"]    # an ellipse 8 x 2 turned by 90 degrees: upright
+    rows, cols = np.nonzero(le)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == pytest.approx((4, 20, 14, 18), abs=1)
+
+
+def test_cdd_cesm_report_counts_skipped_points_and_names_unusable_outline_rows(cdd_release, tmp_path):
+    dest = tmp_path / "raw"
+    import_release("cdd-cesm", cdd_release, dest)
+    report = report_of(dest).set_index("source")
+    summary = report.loc[SEGMENTATION_FILE_NAME]
+    assert "2 masks written from 3 regions" in summary.reason
+    assert "1 point annotations skipped" in summary.reason and "1 point-only images without a mask" in summary.reason
+    assert report.loc[f"{LOW_ENERGY_FOLDER}/P2_R_DM_MLO.jpg"].reason.endswith("points only (no area)")
+    assert report.loc[f"{SEGMENTATION_FILE_NAME}#row 7 (P9_L_CM_CC.jpg)"].status == "unmatched"
+    assert "no image file named P9_L_CM_CC.jpg" in report.loc[f"{SEGMENTATION_FILE_NAME}#row 7 (P9_L_CM_CC.jpg)"].reason
+    not_imported = report.loc[f"{SEGMENTATION_FILE_NAME}#row 8 (P5_L_DM_CC.jpg)"]
+    assert (not_imported.status, not_imported.reason) == (
+        "rejected", "its image P5_L_DM_CC.jpg was not imported (see that file's row)")
+
+
+@pytest.mark.parametrize(("cell", "reason"), [
+    ('{"name":"polygon","all_points_x":[1,2,3],"all_points_y":[1,2', "malformed JSON in region_shape_attributes"),
+    ('{"name":"freehand","points":[1,2,3]}', "unknown region shape 'freehand'"),
+    ('{"name":"ellipse","cx":5,"cy":5,"rx":"wide","ry":2}', "ellipse: 'rx' is 'wide', not a number"),
+    ('{"name":"polygon","all_points_x":[1,2],"all_points_y":[1,2]}',
+     "polygon: 2 point(s); an outline needs at least 3"),
+])
+def test_cdd_cesm_unusable_outline_row_is_rejected_with_its_row_and_its_image_gets_no_mask(
+        cdd_release, tmp_path, cell, reason):
+    write_segmentations(cdd_release / SEGMENTATION_FILE_NAME, [
+        ("P1_L_CM_CC.jpg", ELLIPSE),    # row 2: usable, but its image has an unusable row below
+        ("P1_L_CM_CC.jpg", cell),       # row 3
+        ("P1_L_DM_CC.jpg", SQUARE),     # row 4: another image keeps its mask
+    ])
+    dest = tmp_path / "raw"
+    import_release("cdd-cesm", cdd_release, dest)
+    report = report_of(dest).set_index("source")
+    bad = report.loc[f"{SEGMENTATION_FILE_NAME}#row 3 (P1_L_CM_CC.jpg)"]
+    assert bad.status == "rejected" and reason in bad.reason and "no lesion mask for P1_L_CM_CC" in bad.reason
+    assert "outline rows is unusable" in report.loc[f"{SUBTRACTED_FOLDER}/P1_L_CM_CC.jpg"].reason
+    assert list(_masks_by_image(dest)) == ["images/P1/S1/P1_S1_LCC_LOW_ENERGY.dcm"]
+    assert len(metadata_of(dest)) == 4  # the images themselves are all imported
+
+
+@pytest.mark.parametrize(("shape", "smallest", "largest"), [  # the filled outline reaches a pixel either way
+    ({"name": "rect", "x": 2, "y": 3, "width": 10, "height": 4}, 9 * 3, 11 * 5),
+    ({"name": "circle", "cx": 15, "cy": 12, "r": 6}, math.pi * 5**2, math.pi * 7**2),
+    ({"name": "polyline", "all_points_x": [2, 12, 12, 2], "all_points_y": [2, 2, 12, 12]}, 9 * 9, 11 * 11),  # closed
+])
+def test_via_rect_circle_and_open_polyline_fill_their_area(shape, smallest, largest):
+    mask = via.rasterise([via.parse_region(json.dumps(shape))], 24, 32)
+    assert smallest <= mask.sum() <= largest
+
+
+def test_via_cell_without_a_region_is_no_region():
+    assert via.parse_region("{}") is None
+
+
+def test_cdd_cesm_segmentation_file_without_its_columns_is_an_error_naming_them(cdd_release, tmp_path):
+    (cdd_release / SEGMENTATION_FILE_NAME).write_text("filename,shape\nP1_L_CM_CC.jpg,{}\n")
+    with pytest.raises(ImporterError, match=r"lacks column\(s\) \['#filename', 'region_shape_attributes'\]"):
+        import_release("cdd-cesm", cdd_release, tmp_path / "raw")
+
+
+def test_cdd_cesm_release_without_outlines_imports_without_lesion_truth(cdd_release, tmp_path):
+    (cdd_release / SEGMENTATION_FILE_NAME).unlink()
+    dest = tmp_path / "raw"
+    import_release("cdd-cesm", cdd_release, dest)
+    assert not (dest / "lesions.csv").exists() and not (dest / "masks").exists()
+
+
+def test_ingest_accepts_the_imported_cdd_cesm_masks(cdd_release, tmp_path):
+    dest = tmp_path / "raw"
+    import_release("cdd-cesm", cdd_release, dest)
+    result = ingest_raw(dest, IngestConfig(workers=1))
+    assert len(result.lesions) == 2 and set(result.lesions.source) == {"annotation"}
+    assert result.lesions[["uptake", "le_density_excess", "glandular_around"]].isna().all().all()
+    with_mask = result.sources[result.sources.mask_path != ""]
+    assert sorted(with_mask.mask_path) == ["masks/P1/S1/P1_S1_LCC_LOW_ENERGY.png",
+                                           "masks/P1/S1/P1_S1_LCC_RECOMBINED.png"]
 
 
 # --- the command -----------------------------------------------------------------------------

@@ -35,11 +35,14 @@ STAGES = ("ingest", "preprocess", "split")
 
 
 def _plant_probe(raw: Path) -> tuple[list[Path], set[str]]:
-    """Make the first patient ``PHI-123`` / ``Probe^Patient``, its folder and files named after it
-    (``images/PHI-123/<study>/PHI-123_<study>_...dcm``, metadata.csv following); return its files
-    and their original UIDs (SOP instance, study, series)."""
+    """Make the first patient ``PHI-123`` / ``Probe^Patient``, its folders and files named after it
+    (``images/PHI-123/<study>/PHI-123_<study>_...dcm``, its lesion masks ``masks/PHI-123/...png``,
+    metadata.csv and lesions.csv following); return its files and their original UIDs (SOP
+    instance, study, series)."""
     table = pd.read_csv(raw / "metadata.csv", dtype=str, keep_default_na=False)
+    lesions = pd.read_csv(raw / "lesions.csv", dtype=str, keep_default_na=False)
     first = table["patient_id"].iloc[0]
+    assert lesions["file"].str.startswith(f"images/{first}/").any()  # the probe has lesion masks to hide too
     files, uids = [], set()
     for old in sorted((raw / "images" / first).rglob("*.dcm")):
         new = raw / "images" / PROBE_ID / old.parent.name / old.name.replace(first, PROBE_ID)
@@ -51,8 +54,16 @@ def _plant_probe(raw: Path) -> tuple[list[Path], set[str]]:
         files.append(new)
         table.loc[table["file"] == old.relative_to(raw).as_posix(), ["file", "patient_id"]] = (
             new.relative_to(raw).as_posix(), PROBE_ID)
+    for old in sorted((raw / "masks" / first).rglob("*.png")):
+        new = raw / "masks" / PROBE_ID / old.parent.name / old.name.replace(first, PROBE_ID)
+        new.parent.mkdir(parents=True, exist_ok=True)
+        old.rename(new)
+    for column in ("file", "mask"):
+        lesions[column] = lesions[column].str.replace(first, PROBE_ID)
     shutil.rmtree(raw / "images" / first)
+    shutil.rmtree(raw / "masks" / first)
     table.to_csv(raw / "metadata.csv", index=False)
+    lesions.to_csv(raw / "lesions.csv", index=False)
     return files, uids
 
 
@@ -142,7 +153,8 @@ def test_the_search_finds_the_planted_values_where_they_are_and_the_stages_kept_
     p = published
     needles = [PROBE_ID.encode(), PROBE_NAME.encode(), *(v.encode() for v in IDENTIFYING.values())]
     planted = {f.relative_to(p.root).as_posix() for f in (*p.probe_files, *p.identity_files)}
-    assert set(_files_containing(p.raw.rglob("*"), needles, p.root)) == planted | {"data/raw/metadata.csv"}
+    tables = {"data/raw/metadata.csv", "data/raw/lesions.csv"}
+    assert set(_files_containing(p.raw.rglob("*"), needles, p.root)) == planted | tables
     assert set(_files_containing([p.sources], [PROBE_ID.encode()], p.root)) == {"data/interim/sources.csv"}
     manifest = pd.read_csv(p.root / "data" / "interim" / "manifest.csv", dtype=str)
     sources = pd.read_csv(p.sources, dtype=str, keep_default_na=False).set_index("source_path")
@@ -150,8 +162,8 @@ def test_the_search_finds_the_planted_values_where_they_are_and_the_stages_kept_
     assert (kept != "").all() and set(kept) <= set(manifest["image_id"])
     assert (p.root / "mlruns" / "mlflow.db").is_file() and any((p.root / "mlruns").rglob("rejected.csv"))
     assert sum(1 for f in p.remote.rglob("*") if f.is_file()) >= 4  # manifest, images.npy, index.csv, folds.csv
-    assert {"manifest.csv", "images.npy", "index.csv", "folds.csv", "rejected.csv", "summary.json",
-            "dvc.lock"} <= {f.name for f in p.outputs()}
+    assert {"manifest.csv", "images.npy", "index.csv", "lesions.csv", "lesion_masks.npy", "folds.csv",
+            "rejected.csv", "summary.json", "dvc.lock"} <= {f.name for f in p.outputs()}
 
 
 def test_no_identifying_header_value_is_published(published):
@@ -166,5 +178,6 @@ def test_probe_patient_named_in_raw_paths_and_its_original_uids_are_not_publishe
 
 def test_no_raw_path_or_original_image_uid_is_published(published):
     sources = pd.read_csv(published.sources, dtype=str, keep_default_na=False)
-    needles = [b"images/", *(u.encode() for u in sources["sop_instance_uid"] if u)]
+    assert (sources["mask_path"] != "").any()  # lesion masks too: their paths name the patient like the images'
+    needles = [b"images/", b"masks/", *(u.encode() for u in sources["sop_instance_uid"] if u)]
     assert published.leaks(needles) == {"outputs": {}, "dvc remote": {}, "mlflow": {}}

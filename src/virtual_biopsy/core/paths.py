@@ -28,10 +28,21 @@ class ProjectPaths:
         """One row per image file (columns: see data.layout.METADATA_COLUMNS)."""
         return self.raw / "metadata.csv"
 
+    @property
+    def raw_lesions(self) -> Path:
+        """OPTIONAL lesion ground truth: one row per image with a lesion mask (data.layout.LESION_COLUMNS)."""
+        return self.raw / "lesions.csv"
+
     # --- stage outputs -----------------------------------------------------------------------
     @property
     def manifest(self) -> Path:
         return self.root / "data" / "interim" / "manifest.csv"
+
+    @property
+    def interim_lesions(self) -> Path:
+        """Lesion truth of the manifest images, keyed by image_id, no path (data.layout.INTERIM_LESION_COLUMNS);
+        header only when the raw data have no lesions.csv. Written by ingest."""
+        return self.root / "data" / "interim" / "lesions.csv"
 
     @property
     def sources(self) -> Path:
@@ -58,6 +69,17 @@ class ProjectPaths:
     def processed_index(self) -> Path:
         """One row per array row: manifest columns + ``row``."""
         return self.processed_dir / "index.csv"
+
+    @property
+    def processed_lesion_masks(self) -> Path:
+        """uint8 array (N, S, S), row-aligned with images.npy: 1 inside the lesion, 0 elsewhere and
+        for images without a mask."""
+        return self.processed_dir / "lesion_masks.npy"
+
+    @property
+    def processed_lesions(self) -> Path:
+        """One row per array row with a lesion mask (data.layout.PROCESSED_LESION_COLUMNS)."""
+        return self.processed_dir / "lesions.csv"
 
     @property
     def splits(self) -> Path:
@@ -131,6 +153,11 @@ class ProjectPaths:
     @property
     def evaluation_dir(self) -> Path:
         return self.reports / "evaluation"
+
+    @property
+    def ceilings_dir(self) -> Path:
+        """Observer ceilings of the test folds (observer_ceiling stage): ceilings.csv/.md, observer_scores.csv."""
+        return self.reports / "ceilings"
 
     @property
     def metrics_file(self) -> Path:

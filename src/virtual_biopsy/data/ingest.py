@@ -7,6 +7,13 @@ result, ACR density, phase, age), de-duplicated by SOPInstanceUID and, when pair
 matched LE with DES on the pair key. Every file that does not make it into the manifest is listed
 in the rejected report with one plain reason; nothing is dropped silently.
 
+Lesion ground truth (optional ``lesions.csv`` and its masks, data.layout and data.lesions) is
+checked after that, before anything is written: a bad lesions table fails the stage with one
+message naming its rows, files, values and reasons. The checked table becomes
+``data/interim/lesions.csv`` (INTERIM_LESION_COLUMNS: keyed by image id, no path, no patient id),
+header only when the raw folder has no lesions.csv; each mask's raw path goes to the private
+sources table (``mask_path``).
+
 Privacy: patient, study and image are keyed by :func:`pseudonymize` (the image by its
 SOPInstanceUID, which DICOM PS3.15's confidentiality profile replaces); the original patient id,
 name, birth date, accession number and institution never leave :func:`inspect_file`. The raw
@@ -35,10 +42,19 @@ from virtual_biopsy.dicom.cesm import UnknownEnergyError, energy_of, is_simulate
 from virtual_biopsy.dicom.read import DicomReadError, check_pixel_data, display_window, read_dataset
 from virtual_biopsy.data.layout import (
     ENERGY_TO_MODALITY,
+    LESIONS_FILE,
     MANIFEST_COLUMNS,
     METADATA_COLUMNS,
     SOURCES_COLUMNS,
     pair_key,
+)
+from virtual_biopsy.data.lesions import (
+    LesionTableError,
+    LesionTruth,
+    ManifestImage,
+    lesion_truth,
+    no_lesion_truth,
+    read_lesion_table,
 )
 from virtual_biopsy.core.parallel import map_in_processes
 from virtual_biopsy.core.paths import ProjectPaths
@@ -97,13 +113,15 @@ class RejectedFile:
 
 @dataclass(frozen=True)
 class IngestResult:
-    """Manifest (MANIFEST_COLUMNS), rejected report (REJECTED_COLUMNS), summary counts, and the
-    private sources table (SOURCES_COLUMNS: keys -> raw files; written apart, see data.sources)."""
+    """Manifest (MANIFEST_COLUMNS), rejected report (REJECTED_COLUMNS), summary counts, the
+    private sources table (SOURCES_COLUMNS: keys -> raw files; written apart, see data.sources)
+    and the interim lesion table (INTERIM_LESION_COLUMNS; header only without lesion truth)."""
 
     manifest: pd.DataFrame
     rejected: pd.DataFrame
     summary: dict
     sources: pd.DataFrame
+    lesions: pd.DataFrame
 
 
 def pseudonymize(original_id: str, salt: str) -> str:
@@ -350,13 +368,15 @@ def _summary(files: int, manifest: pd.DataFrame, rejected: list[RejectedFile], u
 
 
 def ingest_raw(raw_dir: Path, cfg: IngestConfig) -> IngestResult:
-    """Read every file under ``raw_dir/images`` into a manifest, a rejected report and a summary.
+    """Read every file under ``raw_dir/images`` into a manifest, a rejected report and a summary,
+    and the raw folder's lesion truth (lesions.csv, when there is one) into the interim lesion table.
 
     Files are read by ``cfg.workers`` processes. Pure apart from reading: writing the outputs and
     enforcing ``cfg.max_rejected_share`` are :func:`write_outputs` and :func:`check_rejected_share`.
     """
     raw_dir = Path(raw_dir)
     metadata = read_metadata(raw_dir / "metadata.csv")
+    lesions = read_lesions(raw_dir)
     files = list_raw_files(raw_dir / "images")
     records: list[ImageRecord] = []
     rejected: list[RejectedFile] = []
@@ -389,17 +409,47 @@ def ingest_raw(raw_dir: Path, cfg: IngestConfig) -> IngestResult:
     rejected.sort(key=lambda r: r.file)
     salt = cfg.pseudonym_salt
     report = pd.DataFrame([(file_key(r.file, salt), r.reason) for r in rejected], columns=list(REJECTED_COLUMNS))
+    truth = check_lesions(lesions, raw_dir, table, seen | set(metadata.index))
     unused = int((~metadata.index.isin(list(seen))).sum())
-    return IngestResult(manifest, report, _summary(len(files), manifest, rejected, unused),
-                        sources_table(sorted(seen), table, salt))
+    summary = _summary(len(files), manifest, rejected, unused)
+    summary.update(lesion_images=len(truth.table), lesion_rows_without_image=truth.rows_without_image)
+    return IngestResult(manifest, report, summary, sources_table(sorted(seen), table, salt, truth.mask_paths),
+                        truth.table)
 
 
-def sources_table(files: list[str], accepted: pd.DataFrame, salt: str) -> pd.DataFrame:
-    """The private sources table: every raw file (``files``, relative paths) with its key, and the
-    manifest id and original SOPInstanceUID of those in the manifest (``accepted``)."""
+def read_lesions(raw_dir: Path) -> pd.DataFrame | None:
+    """The raw folder's lesions.csv (None without one), read before the images so that a table
+    without its columns fails at once; :class:`IngestError` when it cannot be read."""
+    try:
+        return read_lesion_table(raw_dir / LESIONS_FILE)
+    except LesionTableError as exc:
+        raise IngestError(str(exc)) from None
+
+
+def check_lesions(lesions: pd.DataFrame | None, raw_dir: Path, accepted: pd.DataFrame,
+                  known_files: set[str]) -> LesionTruth:
+    """lesions.csv (``lesions``, None: no lesion truth) checked against the accepted images
+    (``accepted``: manifest rows with ``source_path``, in manifest order) and ``known_files`` (every
+    image path ingest saw); :class:`IngestError` naming the bad rows when it cannot be used."""
+    if lesions is None:
+        return no_lesion_truth()
+    images = {row.source_path: ManifestImage(row.image_id, int(row.rows), int(row.columns))
+              for row in accepted.itertuples(index=False)}
+    try:
+        return lesion_truth(lesions, raw_dir / LESIONS_FILE, images, known_files, raw_dir)
+    except LesionTableError as exc:
+        raise IngestError(str(exc)) from None
+
+
+def sources_table(files: list[str], accepted: pd.DataFrame, salt: str,
+                  mask_paths: dict[str, str] | None = None) -> pd.DataFrame:
+    """The private sources table: every raw file (``files``, relative paths) with its key, the
+    manifest id and original SOPInstanceUID of those in the manifest (``accepted``), and the
+    lesion mask of those that have one (``mask_paths``: raw path -> mask path)."""
     ids = accepted.set_index("source_path")[["image_id", "sop_instance_uid"]]
     table = pd.DataFrame({"file_key": [file_key(f, salt) for f in files], "source_path": files})
     table = table.join(ids, on="source_path").fillna({"image_id": "", "sop_instance_uid": ""})
+    table["mask_path"] = [(mask_paths or {}).get(f, "") for f in files]
     return table[list(SOURCES_COLUMNS)]
 
 
@@ -423,16 +473,17 @@ def rejected_reasons(result: IngestResult) -> dict[str, str]:
 
 def write_outputs(result: IngestResult, paths: ProjectPaths, cfg: IngestConfig) -> None:
     """Write the private sources table, the rejected report and summary, check the rejected share,
-    then write the manifest.
+    then write the interim lesion table and the manifest.
 
     The reports are written first so that a run failing on too many rejections still says why
-    (with the sources table that maps their file keys back to files); the manifest is only
-    replaced when the share is acceptable. Every write is atomic.
+    (with the sources table that maps their file keys back to files); the manifest and the lesion
+    table keyed by its image ids are only replaced when the share is acceptable. Every write is atomic.
     """
     write_csv(paths.sources, result.sources)
     write_csv(paths.rejected, result.rejected)
     write_json(summary_path(paths), result.summary)
     check_rejected_share(result, cfg, paths.rejected)
+    write_csv(paths.interim_lesions, result.lesions)
     write_csv(paths.manifest, result.manifest)
 
 

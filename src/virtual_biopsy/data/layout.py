@@ -4,16 +4,29 @@ Raw layout (``data/raw``, tracked by ``data.dvc``)::
 
     data/raw/
       metadata.csv                      one row per image file, METADATA_COLUMNS
+      lesions.csv                       OPTIONAL: one row per image showing an outlined lesion, LESION_COLUMNS
       contact_sheet.png                 (synthetic data only) LE/DES pairs per ACR category
       images/<patient>/<study>/<patient>_<study>_<L|R><CC|MLO>_<LOW_ENERGY|RECOMBINED>[_LATE].dcm
+      masks/<patient>/<study>/<same stem as its image>.png      lesion mask of one image
 
 The file name follows the authors' public CESM code (``P96_76_RMLO_LOW_ENERGY``). DICOM tags are
 authoritative for laterality, view and energy; metadata.csv supplies what a DICOM header does not
 hold: the biopsy result, the ACR density and the acquisition phase.
+
+Lesion ground truth (``lesions.csv`` + ``masks/``) is optional: a site without outlines has no
+lesions.csv, and then there is simply no lesion truth. Where it exists, every image that shows an
+outlined lesion has one row, naming its mask (:func:`lesion_mask_relpath`). A mask is an 8-bit
+greyscale PNG, :data:`MASK_OUTSIDE` (0) outside and :data:`MASK_INSIDE` (255) inside the lesion, of
+exactly the image's stored geometry (Rows x Columns) and orientation (as the DICOM pixel data are
+stored, before any flip a viewer or preprocessing applies). ``source`` says where the outline
+comes from: ``simulator`` (``vbiopsy synth`` knows the truth, and also writes the lesion's latent
+values) or ``annotation`` (drawn by a reader, e.g. CDD-CESM's hand-drawn segmentations; the latent
+values are then empty).
 """
 from __future__ import annotations
 
 import re
+from pathlib import PurePosixPath
 
 # metadata.csv: one row per image file. ``file`` is relative to data/raw.
 METADATA_COLUMNS = (
@@ -66,7 +79,32 @@ SOURCES_COLUMNS = (
     "source_path",       # relative to the raw folder (names the site's patient)
     "image_id",          # the manifest's image_id; empty for a file not in the manifest
     "sop_instance_uid",  # the original SOPInstanceUID of a manifest image
+    "mask_path",         # its lesion mask, relative to the raw folder; empty when it has none
 )
+
+# lesions.csv (data/raw, optional): one row per image that shows an outlined lesion.
+LESIONS_FILE = "lesions.csv"
+LESION_COLUMNS = (
+    "file",               # the image, as in metadata.csv: images/P0001/S01/P0001_S01_RCC_LOW_ENERGY.dcm
+    "mask",               # its mask: masks/P0001/S01/P0001_S01_RCC_LOW_ENERGY.png (lesion_mask_relpath)
+    "source",             # simulator | annotation (LESION_SOURCES)
+    "uptake",             # DES contrast uptake of the lesion in this image's phase (phantom.lesion_uptake)
+    "le_density_excess",  # LE attenuation of the mass above glandular tissue (phantom.lesion_le_contrast)
+    "glandular_around",   # mean glandular map in a ring around the lesion (synthetic.GLANDULAR_RING_WIDTH)
+)
+LESION_SOURCES = ("simulator", "annotation")
+# The lesion's latent values: floats from the simulator, empty where nobody knows them (annotations).
+LESION_LATENT_COLUMNS = ("uptake", "le_density_excess", "glandular_around")
+MASK_OUTSIDE, MASK_INSIDE = 0, 255  # the two values of a mask PNG
+
+# Lesion truth after ingest (data/interim/lesions.csv, a DVC output): one row per manifest image
+# with a mask, keyed by the pseudonymous image_id. No path and no patient id: the mask's raw path
+# is in the private sources table (``mask_path``), like the image's own.
+INTERIM_LESION_COLUMNS = ("image_id", "source", *LESION_LATENT_COLUMNS)
+
+# Lesion truth after preprocess (data/processed/lesions.csv): one row per row of images.npy that
+# has a mask in data/processed/lesion_masks.npy; ``mask_pixels`` counts its pixels at the processed size.
+PROCESSED_LESION_COLUMNS = ("row", "image_id", "source", "mask_pixels", *LESION_LATENT_COLUMNS)
 
 ENERGY_TO_MODALITY = {"LE": "FFDM", "DES": "CESM"}
 ENERGY_FILE_TOKEN = {"LE": "LOW_ENERGY", "DES": "RECOMBINED"}
@@ -90,3 +128,14 @@ def image_relpath(patient: str, study: str, laterality: str, view: str, energy: 
 
 def pair_key(patient_id: str, study_id: str, laterality: str, view: str, phase: str) -> str:
     return f"{patient_id}|{study_id}|{laterality}|{view}|{phase}"
+
+
+def lesion_mask_relpath(image_relpath: str) -> str:
+    """Path of an image's lesion mask relative to data/raw: ``images/P/S/NAME.dcm`` -> ``masks/P/S/NAME.png``.
+
+    The mask mirrors its image's place in the layout, so a reader finds one from the other.
+    """
+    parts = PurePosixPath(image_relpath).parts
+    if len(parts) < 2 or parts[0] != "images":
+        raise ValueError(f"{image_relpath!r} is not an image path of the raw layout (images/<patient>/<study>/<file>)")
+    return PurePosixPath("masks", *parts[1:]).with_suffix(".png").as_posix()

@@ -25,12 +25,25 @@ Per image, in this order (:func:`preprocess_pixels`):
 All images go into one ``float32 (N, size, size)`` ``.npy`` (created with ``open_memmap``; each worker
 writes its rows straight into the file, so images are not sent back to the main process and memory
 stays at a few images whatever N is) plus an index table: the manifest columns and ``row``.
+
+Lesion masks (data/interim/lesions.csv and the masks it names, see data.layout) go through exactly
+their image's geometry (:func:`preprocess_mask`), in the same worker task as the image: orient with
+the same chest-wall rule, pad to square with 0 on the same side, resize the 0/1 mask with the same
+anti-aliased filter (each output pixel is then the share of it the lesion covers), and keep the
+pixels at least half covered. A lesion too small to half-cover any pixel at the processed size
+keeps its most covered pixel: a lesion must not disappear from the truth because the image was
+shrunk (an evaluation inside the lesion would otherwise silently lose that image). They go into
+``lesion_masks.npy``, ``uint8 (N, size, size)`` row-aligned with ``images.npy`` (1 inside the
+lesion, 0 elsewhere and for images without a mask), and ``lesions.csv`` (PROCESSED_LESION_COLUMNS:
+one row per array row with a mask, its pixel count and latent values), written in the same set as
+the images and the index.
 """
 from __future__ import annotations
 
 import functools
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +52,8 @@ from PIL import Image
 
 from virtual_biopsy.core.atomic import atomic_dir, staged_path, write_csv
 from virtual_biopsy.core.config import PreprocessConfig
-from virtual_biopsy.data.layout import MANIFEST_COLUMNS
+from virtual_biopsy.data.layout import INTERIM_LESION_COLUMNS, MANIFEST_COLUMNS, PROCESSED_LESION_COLUMNS
+from virtual_biopsy.data.lesions import LesionMaskError, read_mask_png
 from virtual_biopsy.dicom.read import DicomReadError, display_window, read_dataset, read_pixels
 from virtual_biopsy.core.parallel import map_in_processes
 from virtual_biopsy.core.paths import ProjectPaths
@@ -142,9 +156,24 @@ def preprocess_dataset(ds, laterality: str, size: int) -> np.ndarray:
     return preprocess_pixels(pixels, center, width, chest_wall_on_left(ds.get("PatientOrientation"), laterality), size)
 
 
-def preprocess_file(path: str | Path, laterality: str, size: int, expected_uid: str | None = None) -> np.ndarray:
-    """Read one DICOM and preprocess it; errors name the file. With ``expected_uid``, the file must
-    still hold that image (SOPInstanceUID), the one ingest listed under this path."""
+def preprocess_mask(mask: np.ndarray, chest_wall_left: bool, size: int) -> np.ndarray:
+    """A boolean lesion mask in its image's stored geometry -> ``uint8 (size, size)``, 1 inside.
+
+    Exactly the image's geometry (see the module docstring): orient, pad with 0 on the same side,
+    the same resize, then pixels at least half covered; a non-empty mask keeps at least its most
+    covered pixel.
+    """
+    oriented = orient(mask.astype(np.float32), chest_wall_left)
+    coverage = resize_square(pad_to_square(oriented, 0.0), size)  # share of each pixel inside the lesion
+    processed = (coverage >= 0.5).astype(np.uint8)
+    if mask.any() and not processed.any():
+        processed[np.unravel_index(np.argmax(coverage), coverage.shape)] = 1
+    return processed
+
+
+def _read_listed_dataset(path: str | Path, expected_uid: str | None):
+    """Read one DICOM; errors name the file. With ``expected_uid``, the file must still hold that
+    image (SOPInstanceUID), the one ingest listed under this path."""
     try:
         ds = read_dataset(path)
     except (OSError, DicomReadError, ValueError) as exc:
@@ -152,10 +181,40 @@ def preprocess_file(path: str | Path, laterality: str, size: int, expected_uid: 
     if expected_uid is not None and str(ds.get("SOPInstanceUID", "") or "").strip() != expected_uid:
         raise PreprocessError(f"{path}: not the image ingest listed under this path (raw data changed); "
                               "rerun the ingest stage")
+    return ds
+
+
+def _preprocess_read(ds, path: str | Path, laterality: str, size: int) -> np.ndarray:
+    """:func:`preprocess_dataset` on ``ds``, read from ``path``; errors name the file."""
     try:
         return preprocess_dataset(ds, laterality, size)
     except (OSError, DicomReadError, ValueError) as exc:
         raise PreprocessError(f"{path}: {exc}") from exc
+
+
+def preprocess_file(path: str | Path, laterality: str, size: int, expected_uid: str | None = None) -> np.ndarray:
+    """Read one DICOM and preprocess it; errors name the file. With ``expected_uid``, the file must
+    still hold that image (SOPInstanceUID), the one ingest listed under this path."""
+    return _preprocess_read(_read_listed_dataset(path, expected_uid), path, laterality, size)
+
+
+def preprocess_lesion_mask(mask_path: str | Path, ds, laterality: str, size: int, image_id: str) -> np.ndarray:
+    """Read the lesion mask of image ``image_id`` (DICOM ``ds``) and carry it through the image's
+    geometry; the mask must have the image's stored shape. Errors name the image id (not the path,
+    which names the patient)."""
+    if not Path(mask_path).is_file():
+        raise PreprocessError(f"image {image_id}: its lesion mask file is missing (raw data changed since "
+                              "ingest); rerun the ingest stage")
+    try:
+        mask = read_mask_png(Path(mask_path))
+    except LesionMaskError as exc:
+        raise PreprocessError(f"image {image_id}: lesion mask unusable: {exc}") from None
+    stored = (int(ds.Rows), int(ds.Columns))
+    if mask.shape != stored:
+        raise PreprocessError(f"image {image_id}: its lesion mask is {mask.shape[0]} x {mask.shape[1]} pixels but "
+                              f"the image is {stored[0]} x {stored[1]} (rows x columns); a mask must have its "
+                              "image's stored geometry")
+    return preprocess_mask(mask, chest_wall_on_left(ds.get("PatientOrientation"), laterality), size)
 
 
 def write_row(path: str, offset: int, image: np.ndarray) -> None:
@@ -170,13 +229,43 @@ def write_row(path: str, offset: int, image: np.ndarray) -> None:
         os.close(fd)
 
 
-def _preprocess_into(task: tuple[int, str, str, str | None], size: int, out: str, offset: int) -> None:
-    """Preprocess task ``(row, path, laterality, uid)`` and write it as row ``row`` of the array in ``out``."""
-    row, path, laterality, uid = task
-    image = preprocess_file(path, laterality, size, uid).astype(np.float32, copy=False)
+@dataclass(frozen=True)
+class Task:
+    """One manifest row to preprocess: its array row, DICOM, laterality, original UID (checked
+    against the file), image id and lesion mask (``""``: none)."""
+
+    row: int
+    path: str
+    laterality: str
+    uid: str | None
+    image_id: str
+    mask_path: str
+
+
+@dataclass(frozen=True)
+class OutputArrays:
+    """Where the rows go: the images and masks files and the byte offset of their first rows."""
+
+    images: str
+    images_offset: int
+    masks: str
+    masks_offset: int
+
+
+def _preprocess_into(task: Task, size: int, out: OutputArrays) -> int | None:
+    """Preprocess ``task``'s image and lesion mask (zeros without one) into row ``task.row`` of the
+    two arrays; return the processed mask's pixel count (None without a mask)."""
+    ds = _read_listed_dataset(task.path, task.uid)
+    image = _preprocess_read(ds, task.path, task.laterality, size).astype(np.float32, copy=False)
     if image.shape != (size, size):  # a wrong-sized row would overwrite its neighbours
-        raise PreprocessError(f"{path}: preprocessed to shape {image.shape}, not {(size, size)}")
-    write_row(out, offset + row * image.nbytes, image)
+        raise PreprocessError(f"{task.path}: preprocessed to shape {image.shape}, not {(size, size)}")
+    write_row(out.images, out.images_offset + task.row * image.nbytes, image)
+    if task.mask_path:
+        mask = preprocess_lesion_mask(task.mask_path, ds, task.laterality, size, task.image_id)
+    else:
+        mask = np.zeros((size, size), dtype=np.uint8)
+    write_row(out.masks, out.masks_offset + task.row * mask.nbytes, mask)
+    return int(mask.sum()) if task.mask_path else None
 
 
 # --- the whole manifest ------------------------------------------------------------------------
@@ -194,34 +283,79 @@ def read_manifest(path: Path) -> pd.DataFrame:
     return manifest
 
 
-def preprocess_into(tasks: list[tuple[str, str, str | None]], size: int, workers: int, out: Path, offset: int) -> None:
-    """Preprocess ``(path, laterality, uid)`` tasks into rows ``0..N-1`` of the float32 ``(N, size, size)``
-    array stored in ``out`` from byte ``offset`` on, by ``workers`` processes (in-process when 1)."""
-    work = functools.partial(_preprocess_into, size=size, out=os.fspath(out), offset=offset)
-    for _ in map_in_processes(work, [(row, *task) for row, task in enumerate(tasks)], workers,
-                              desc="preprocess", unit="image"):
-        pass
+def read_interim_lesions(path: Path) -> pd.DataFrame:
+    """The interim lesion table (ingest writes it, header only without lesion truth), as strings."""
+    if not path.exists():
+        raise PreprocessError(f"{path}: lesion table not found; run the ingest stage (it writes the table, "
+                              "header only when the raw data have no lesions.csv)")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in INTERIM_LESION_COLUMNS if c not in table.columns]
+    if missing:
+        raise PreprocessError(f"{path}: missing lesion table column(s) {missing}; rerun the ingest stage")
+    return table
 
 
-def write_processed(manifest: pd.DataFrame, sources: pd.DataFrame, cfg: PreprocessConfig, paths: ProjectPaths) -> dict:
-    """Write ``images.npy`` and ``index.csv`` for every manifest row; return counts and timing.
+def check_lesions_match(manifest: pd.DataFrame, sources: pd.DataFrame, lesions: pd.DataFrame) -> None:
+    """The interim lesion table and the sources' mask paths must name the same manifest images."""
+    with_mask = set(manifest["image_id"][(sources["mask_path"] != "").to_numpy()])
+    in_table = set(lesions["image_id"])
+    if with_mask != in_table:
+        strays = sorted(with_mask ^ in_table)
+        raise PreprocessError(f"the lesion table and the sources table disagree on {len(strays)} image(s), e.g. "
+                              f"{strays[:3]} (raw data or ingest outputs changed); rerun the ingest stage")
 
-    ``sources``: the raw file (``source_path``) and original ``sop_instance_uid`` of each manifest
-    row, in manifest order (data.sources.source_files); the index carries neither.
+
+def processed_lesions(index: pd.DataFrame, lesions: pd.DataFrame, mask_pixels: list[int | None]) -> pd.DataFrame:
+    """PROCESSED_LESION_COLUMNS: one row per array row with a mask (its latent values as ingest wrote them)."""
+    table = index[["row", "image_id"]].assign(mask_pixels=mask_pixels).dropna(subset=["mask_pixels"])
+    table = table.merge(lesions, on="image_id", how="inner", validate="one_to_one")
+    return table.astype({"mask_pixels": int})[list(PROCESSED_LESION_COLUMNS)]
+
+
+def preprocess_into(tasks: list[Task], size: int, workers: int, out: OutputArrays) -> list[int | None]:
+    """Preprocess ``tasks`` into their rows of the images and masks arrays in ``out``, by ``workers``
+    processes (in-process when 1); return each task's mask pixel count (None without a mask)."""
+    work = functools.partial(_preprocess_into, size=size, out=out)
+    return list(map_in_processes(work, tasks, workers, desc="preprocess", unit="image"))
+
+
+def _new_array(path: Path, dtype, shape: tuple[int, ...]) -> int:
+    """Create the ``.npy`` at ``path`` at its full size (the workers write its rows); return the
+    byte offset of its data."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    offset = array.offset
+    del array
+    return offset
+
+
+def write_processed(manifest: pd.DataFrame, sources: pd.DataFrame, cfg: PreprocessConfig, paths: ProjectPaths,
+                    lesions: pd.DataFrame) -> dict:
+    """Write ``images.npy``, ``index.csv``, ``lesion_masks.npy`` and ``lesions.csv`` for every
+    manifest row; return counts and timing.
+
+    ``sources``: the raw file (``source_path``), original ``sop_instance_uid`` and lesion mask
+    (``mask_path``, empty when none) of each manifest row, in manifest order
+    (data.sources.source_files); the outputs carry none of them. ``lesions``: the interim lesion
+    table (:func:`read_interim_lesions`).
     """
     started = time.perf_counter()
     size = cfg.image_size
-    tasks = list(zip(sources["source_path"], manifest["laterality"], sources["sop_instance_uid"]))
+    check_lesions_match(manifest, sources, lesions)
+    columns = zip(sources["source_path"], manifest["laterality"], sources["sop_instance_uid"], manifest["image_id"],
+                  sources["mask_path"])
+    tasks = [Task(row, *fields) for row, fields in enumerate(columns)]
     index = manifest[list(MANIFEST_COLUMNS)].assign(row=range(len(manifest)))
-    # The array and its index are one set: built in a staging folder, swapped in together.
+    shape = (len(tasks), size, size)
+    # The arrays and their tables are one set: built in a staging folder, swapped in together.
     with atomic_dir(paths.processed_dir) as staged:
         images = staged_path(paths.processed_images, paths.processed_dir, staged)
-        # The header and the file at its full size; the workers write the rows into it.
-        array = np.lib.format.open_memmap(images, mode="w+", dtype=np.float32, shape=(len(tasks), size, size))
-        offset = array.offset
-        del array
-        preprocess_into(tasks, size, cfg.workers, images, offset)
+        masks = staged_path(paths.processed_lesion_masks, paths.processed_dir, staged)
+        out = OutputArrays(os.fspath(images), _new_array(images, np.float32, shape),
+                           os.fspath(masks), _new_array(masks, np.uint8, shape))
+        mask_pixels = preprocess_into(tasks, size, cfg.workers, out)
         write_csv(staged_path(paths.processed_index, paths.processed_dir, staged), index)
+        write_csv(staged_path(paths.processed_lesions, paths.processed_dir, staged),
+                  processed_lesions(index, lesions, mask_pixels))
     seconds = time.perf_counter() - started
-    return {"images": len(tasks), "image_size": size, "seconds": round(seconds, 3),
-            "images_per_second": round(len(tasks) / seconds, 2) if seconds > 0 else 0.0}
+    return {"images": len(tasks), "image_size": size, "lesion_masks": sum(n is not None for n in mask_pixels),
+            "seconds": round(seconds, 3), "images_per_second": round(len(tasks) / seconds, 2) if seconds > 0 else 0.0}

@@ -50,8 +50,9 @@ def rebuild_sources(paths: ProjectPaths, cfg: IngestConfig) -> pd.DataFrame:
 
 
 def source_files(paths: ProjectPaths, cfg: IngestConfig, image_ids: Iterable[str]) -> pd.DataFrame:
-    """``source_path`` (absolute) and ``sop_instance_uid`` of each of ``image_ids``, in that order
-    (indexed by image id); rebuilds the table from the raw data when it lacks one of them."""
+    """``source_path`` (absolute), ``sop_instance_uid`` and ``mask_path`` (absolute; empty when the
+    image has no lesion mask) of each of ``image_ids``, in that order (indexed by image id);
+    rebuilds the table from the raw data when it lacks one of them."""
     wanted = [str(i) for i in image_ids]
 
     def lookup(table: pd.DataFrame | None) -> pd.DataFrame | None:
@@ -60,7 +61,7 @@ def source_files(paths: ProjectPaths, cfg: IngestConfig, image_ids: Iterable[str
         known = table[table["image_id"] != ""].set_index("image_id")
         if not set(wanted) <= set(known.index):
             return None
-        return known.loc[wanted, ["source_path", "sop_instance_uid"]]
+        return known.loc[wanted, ["source_path", "sop_instance_uid", "mask_path"]]
 
     found = lookup(read_sources(paths.sources))
     if found is None:
@@ -69,4 +70,5 @@ def source_files(paths: ProjectPaths, cfg: IngestConfig, image_ids: Iterable[str
         raise SourcesError(f"{paths.manifest}: images that the raw data under {paths.root / cfg.raw_dir} no longer "
                            "holds (raw data changed since ingest); rerun the ingest stage")
     raw = paths.root / cfg.raw_dir
-    return found.assign(source_path=[str(raw / p) for p in found["source_path"]])
+    return found.assign(source_path=[str(raw / p) for p in found["source_path"]],
+                        mask_path=[str(raw / p) if p else "" for p in found["mask_path"]])

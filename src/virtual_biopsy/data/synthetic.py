@@ -2,9 +2,22 @@
 
 ``synthesize(out_dir, config, seed)`` writes, atomically, a folder in the raw layout of
 :mod:`virtual_biopsy.data.layout`: one Digital Mammography "for presentation" DICOM per image
-(LE and DES of each view, breast and phase), ``metadata.csv`` and ``contact_sheet.png`` (LE above
-DES for one breast per ACR category, like the paper's Figure 2). Same arguments, same bytes: all
+(LE and DES of each view, breast and phase), ``metadata.csv``, the lesion ground truth that a real
+dataset never has (``lesions.csv`` and ``masks/``, below) and ``contact_sheet.png`` (LE above DES
+for one breast per ACR category, like the paper's Figure 2). Same arguments, same bytes: all
 randomness comes from ``seed``, dates and UIDs are derived from it, nothing reads the clock.
+
+Lesion ground truth: every image of a breast with a mass has a row in ``lesions.csv``
+(data.layout.LESION_COLUMNS, ``source`` ``simulator``) and a mask ``masks/<patient>/<study>/<image
+stem>.png``: where the mass's flat footprint (phantom.Anatomy.footprint, the volume that takes up
+contrast) exceeds :data:`LESION_FOOTPRINT_THRESHOLD`, in display orientation like the pixels. The
+LE and DES images of a view and phase show the same compression, so they have the same mask. Its
+latent values: ``uptake`` (phantom.lesion_uptake in that image's phase: late rows carry the late
+uptake), ``le_density_excess`` (phantom.lesion_le_contrast) and ``glandular_around``, the mean of
+the glandular map in a ring :data:`GLANDULAR_RING_WIDTH` wide around the mask, inside the breast
+(how dense the tissue is that hides the mass in LE). Images of lesion-free breasts have neither
+row nor mask. The truth is computed from the anatomy and draws no random numbers, so the images
+are the same bytes with or without it.
 
 Cohort (defaults from the paper's Table 1, see :class:`~virtual_biopsy.core.config.SynthConfig`):
 
@@ -68,12 +81,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pydicom
+from scipy import ndimage
 from tqdm import tqdm
 
 from virtual_biopsy.core.atomic import atomic_dir
 from virtual_biopsy.core.config import ACR_CATEGORIES, ConfigError, SynthConfig, load_params
 from virtual_biopsy.data import phantom
-from virtual_biopsy.data.layout import METADATA_COLUMNS, image_relpath
+from virtual_biopsy.data.layout import (
+    LESION_COLUMNS,
+    LESIONS_FILE,
+    METADATA_COLUMNS,
+    image_relpath,
+    lesion_mask_relpath,
+)
+from virtual_biopsy.data.lesions import write_mask_png
 from virtual_biopsy.dicom.cesm import SIMULATED_MARK
 from virtual_biopsy.dicom.write import (
     Patient,
@@ -102,6 +123,13 @@ STUDY_DATE_SPAN_DAYS = 1000
 UID_ROOT_NAME = "virtual-biopsy-synth"
 # ACR category -> view of the contact sheet (paper Figure 2: a and c in CC, b and d in MLO).
 CONTACT_SHEET_VIEWS = {"a": "CC", "b": "MLO", "c": "CC", "d": "MLO"}
+# Lesion ground truth (module docstring): the mask is the mass footprint above this value (its
+# margin's midpoint: the footprint is a logistic step across the mass boundary) ...
+LESION_FOOTPRINT_THRESHOLD = 0.5
+# ... and glandular_around averages the glandular map over the pixels at most this far outside
+# the mask (a share of the image height, so the ring covers the same tissue at every resolution;
+# at least one pixel): the tissue right around the mass, against which LE must show it.
+GLANDULAR_RING_WIDTH = 0.03
 
 
 class SynthError(ValueError):
@@ -247,18 +275,58 @@ def _series(seed: int, record: BreastRecord, study_id: str, energy: str, late: b
 
 
 # --------------------------------------------------------------------------------------------
+# lesion ground truth
+# --------------------------------------------------------------------------------------------
+def lesion_mask(anatomy: phantom.Anatomy) -> np.ndarray:
+    """Where the mass is in one view (canonical frame): footprint above the threshold.
+
+    A mass so small that no pixel's footprint reaches the threshold (only conceivable at the
+    smallest image sizes) keeps its most covered pixel: an image with a lesion always has a mask.
+    """
+    mask = anatomy.footprint > LESION_FOOTPRINT_THRESHOLD
+    if not mask.any():
+        mask = np.zeros_like(mask)
+        mask[np.unravel_index(np.argmax(anatomy.footprint), mask.shape)] = True
+    return mask
+
+
+def glandular_around(anatomy: phantom.Anatomy, mask: np.ndarray) -> float:
+    """Mean glandular map over the ring of :data:`GLANDULAR_RING_WIDTH` around ``mask``, outside
+    the mask and inside the breast (NaN if that ring were empty)."""
+    width = max(1.0, GLANDULAR_RING_WIDTH * mask.shape[0])
+    distance_outside = ndimage.distance_transform_edt(~mask)  # 0 inside, pixels to the mask outside
+    ring = (distance_outside > 0) & (distance_outside <= width) & (anatomy.breast > 0.5)
+    return float(anatomy.glandular[ring].mean(dtype=np.float64)) if ring.any() else float("nan")
+
+
+def _lesion_row(image: str, record: BreastRecord, config: SynthConfig, late: bool, around: float) -> dict:
+    """The lesions.csv row of one image of a breast with a mass."""
+    return {
+        "file": image, "mask": lesion_mask_relpath(image), "source": "simulator",
+        "uptake": phantom.lesion_uptake(record.breast, late),
+        "le_density_excess": phantom.lesion_le_contrast(record.breast, config),
+        "glandular_around": around,
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------
-def _write_breast(record: BreastRecord, config: SynthConfig, seed: int, root: Path) -> list[dict]:
-    """Render and write every image of one breast; return its metadata rows."""
+def _write_breast(record: BreastRecord, config: SynthConfig, seed: int, root: Path) -> tuple[list[dict], list[dict]]:
+    """Render and write every image of one breast (and the masks of its mass, if any); return its
+    metadata rows and its lesions.csv rows."""
     rows = config.image_height
     cols = max(1, int(round(rows * config.aspect_ratio)))
     study_id = "S01"
     patient, study, when = _patient_and_study(record, seed, study_id)
     side = 0 if record.laterality == "R" else 1
-    out = []
+    out, lesions = [], []
     for v, view in enumerate(("CC", "MLO")):
         anatomy = phantom.render_anatomy(record.breast, view, rows, cols)
+        if record.breast.mass is not None:
+            canonical_mask = lesion_mask(anatomy)
+            around = glandular_around(anatomy, canonical_mask)
+            display_mask = phantom.to_display_orientation(canonical_mask, record.laterality)
         for late in ([False, True] if record.late else [False]):
             # seconds after study start: early views first, late ones ~8 minutes later
             acquired = when + timedelta(seconds=120 + 480 * late + 60 * (2 * side + v))
@@ -286,13 +354,16 @@ def _write_breast(record: BreastRecord, config: SynthConfig, seed: int, root: Pa
                     image_comments=f"{SIMULATED_MARK} image of the virtual-biopsy embedded dataset (vbiopsy synth)",
                 )
                 write_dataset(ds, root / relpath)
+                if record.breast.mass is not None:  # LE and DES of this view and phase: one mask
+                    lesions.append(_lesion_row(relpath, record, config, late, around))
+                    write_mask_png(root / lesions[-1]["mask"], display_mask)
                 out.append({
                     "file": relpath, "patient_id": record.patient_id, "study_id": study_id,
                     "laterality": record.laterality, "view": view, "energy": energy,
                     "phase": "late" if late else "early", "acr": record.acr_reported,
                     "age": record.age, "biopsy": record.label,
                 })
-    return out
+    return out, lesions
 
 
 def _check_request(out_dir: Path, config: SynthConfig) -> None:
@@ -322,12 +393,17 @@ def synthesize(out_dir: Path, config: SynthConfig, seed: int, *, force: bool = F
     records = draw_cohort(config, seed)
     with atomic_dir(out_dir) as tmp:
         rows: list[dict] = []
+        lesion_rows: list[dict] = []
         for record in tqdm(records, desc="synth", unit="breast", disable=None):
-            rows.extend(_write_breast(record, config, seed, tmp))
+            image_rows, breast_lesions = _write_breast(record, config, seed, tmp)
+            rows.extend(image_rows)
+            lesion_rows.extend(breast_lesions)
         table = pd.DataFrame(rows, columns=list(METADATA_COLUMNS)).sort_values("file", kind="stable")
         table.to_csv(tmp / "metadata.csv", index=False, lineterminator="\n")
+        lesions = pd.DataFrame(lesion_rows, columns=list(LESION_COLUMNS)).sort_values("file", kind="stable")
+        lesions.to_csv(tmp / LESIONS_FILE, index=False, lineterminator="\n")
         write_contact_sheet(tmp, table, tmp / "contact_sheet.png")
-    return summarize(table)
+    return {**summarize(table), "lesion_masks": len(lesions)}
 
 
 def summarize(table: pd.DataFrame) -> dict:
@@ -404,11 +480,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``synth`` sub-command."""
     parser = subparsers.add_parser(
         "synth",
-        help="write the embedded simulated CESM dataset (DICOM studies + metadata.csv)",
+        help="write the embedded simulated CESM dataset (DICOM studies, metadata.csv, lesion masks)",
         description=(
             "Write the deterministic simulated CESM dataset in the raw-data layout: LE and DES "
             "mammograms (DICOM, CC and MLO, early and late phase), metadata.csv with age, ACR "
-            "density and biopsy result, and contact_sheet.png. Defaults come from the synth "
+            "density and biopsy result, the lesion ground truth (lesions.csv: each lesion image's "
+            "mask under masks/ and its latent contrast uptake, LE density excess and surrounding "
+            "glandular density), and contact_sheet.png. Defaults come from the synth "
             "section of params.yaml; same arguments, same bytes."
         ),
     )
@@ -447,7 +525,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     elapsed = time.perf_counter() - started
     print(f"wrote {summary['images']} images of {summary['patients']} patients "
-          f"({summary['breasts']} breasts) to {args.out} in {elapsed:.1f} s")
+          f"({summary['breasts']} breasts) and {summary['lesion_masks']} lesion masks to {args.out} in {elapsed:.1f} s")
     print(f"  biopsy: {summary['biopsy']}  phase: {summary['phase']}  acr: {summary['acr']}")
     print(f"  early-phase lesion images per modality and view: {summary['early_lesion_images_per_modality_view']}")
     return 0

@@ -21,6 +21,7 @@ from virtual_biopsy.evaluation.predictions import (
     PREDICTION_COLUMNS,
     PredictionsError,
     generator_report_path,
+    load_ceilings,
     load_generator_reports,
     load_predictions,
     predictions_path,
@@ -47,7 +48,7 @@ from virtual_biopsy.evaluation.tables import (
 )
 
 __all__ = [
-    "PREDICTION_COLUMNS", "PredictionsError", "generator_report_path", "load_generator_reports",
+    "PREDICTION_COLUMNS", "PredictionsError", "generator_report_path", "load_ceilings", "load_generator_reports",
     "load_predictions", "predictions_path", "robustness_scores", "summarize_robustness",
     "synthetic_patients", "SETTINGS", "FoldData", "fold_scores", "lesion_probabilities",
     "prepare_folds", "score", "weights_table", "acr_breakdown", "acr_breakdown_markdown",

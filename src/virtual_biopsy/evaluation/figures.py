@@ -119,18 +119,27 @@ def write_png(path: Path, pixels: np.ndarray) -> None:
         Image.fromarray(pixels).save(tmp, format="PNG")
 
 
-def figure3(path: Path, view: str, examples: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> None:
-    """Paper Figure 3 for one view: FFDM input | real CESM | synthetic CESM, one row per ACR category."""
+LESION_OUTLINE = {"colors": "#ff5a36", "linewidths": 0.7}  # drawn over every panel of a lesion example
+
+
+def figure3(path: Path, view: str, examples: list[tuple]) -> None:
+    """Paper Figure 3 for one view: FFDM input | real CESM | synthetic CESM, one row per ACR category.
+
+    ``examples``: (ACR, LE, DES, synthetic[, lesion mask]); a non-empty mask is outlined on all
+    three panels, so the reader sees whether the synthetic image enhances where the lesion is."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(examples), 3, figsize=(6.6, 2.2 * len(examples)), squeeze=False)
-    for row, (acr, le, des, synthetic) in enumerate(examples):
+    for row, (acr, le, des, synthetic, *rest) in enumerate(examples):
+        mask = rest[0] if rest else None
         for col, (title, image) in enumerate((("FFDM (input)", le), ("real CESM", des), ("synthetic CESM", synthetic))):
             ax = axes[row][col]
             ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+            if mask is not None and np.any(mask):
+                ax.contour(np.asarray(mask, dtype=np.float32), levels=[0.5], **LESION_OUTLINE)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
@@ -144,9 +153,10 @@ def figure3(path: Path, view: str, examples: list[tuple[str, np.ndarray, np.ndar
     plt.close(fig)
 
 
-def figure3_examples(test_sets: list[tuple[pd.DataFrame, np.ndarray]], images: np.ndarray
-                     ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """One test pair per ACR category (early-phase lesion pairs preferred), with its out-of-fold G(LE)."""
+def figure3_examples(test_sets: list[tuple[pd.DataFrame, np.ndarray]], images: np.ndarray,
+                     masks: np.ndarray | None = None) -> list[tuple]:
+    """One test pair per ACR category (early-phase lesion pairs preferred), with its out-of-fold G(LE)
+    and, with ``masks``, the DES image's lesion mask."""
     candidates = []
     for pairs, synthetic in test_sets:
         for i, pair in pairs.iterrows():
@@ -159,7 +169,8 @@ def figure3_examples(test_sets: list[tuple[pd.DataFrame, np.ndarray]], images: n
         matching.sort(key=lambda ps: (ps[0]["phase"] != "early", ps[0]["label"] not in ("malignant", "benign"),
                                       ps[0]["pair_key"]))
         pair, synthetic = matching[0]
-        examples.append((acr or "n/r", images[pair["le_row"]], images[pair["des_row"]], synthetic))
+        mask = () if masks is None else (np.asarray(masks[pair["des_row"]]),)
+        examples.append((acr or "n/r", images[pair["le_row"]], images[pair["des_row"]], synthetic, *mask))
     return examples
 
 

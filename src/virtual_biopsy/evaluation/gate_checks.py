@@ -259,7 +259,20 @@ def read_evidence(paths: ProjectPaths, arch: str) -> dict[str, Any]:
         for _, r in paired[paired["arch"] == arch].iterrows()]
     thin = weights[(weights["arch"] == arch) & weights["warning"].fillna("").astype(bool)]
     return {"paired_tests": comparisons,
-            "weight_warnings": [f"fold {r['fold']} {r['level']} {r['input']}: {r['warning']}" for _, r in thin.iterrows()]}
+            "weight_warnings": [f"fold {r['fold']} {r['level']} {r['input']}: {r['warning']}" for _, r in thin.iterrows()],
+            "ceilings": _ceilings(paths, arch)}
+
+
+def _ceilings(paths: ProjectPaths, arch: str) -> list[dict[str, Any]]:
+    """F and C of ``arch`` beside their observer ceilings (reports/evaluation/ceiling_shares.csv,
+    evaluation.ceilings); empty when the evaluation had no lesion masks to compute them from."""
+    path = paths.evaluation_dir / "ceiling_shares.csv"
+    if not path.exists():
+        return []
+    shares = _read_csv(path, "evaluate")
+    return [{"setting": r["setting"], "auc": _number(r["auc"]), "ceiling_auc": _number(r["ceiling_auc"]),
+             "ceiling_sem": _number(r["ceiling_sem"]), "share": _number(r["share"])}
+            for _, r in shares[shares["arch"] == arch].iterrows()]
 
 
 def simulated_share(paths: ProjectPaths) -> float:

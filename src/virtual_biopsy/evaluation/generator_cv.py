@@ -72,9 +72,10 @@ def generator_epoch_logger(run, images: np.ndarray, val_pairs: pd.DataFrame, cfg
 
 def train_generator_fold(paths: ProjectPaths, params: Params, view: str, fold: int, images: np.ndarray,
                          subsets: dict[str, pd.DataFrame], run, device: str,
-                         out_dir: Path | None = None) -> GeneratorFold:
+                         out_dir: Path | None = None, masks: np.ndarray | None = None) -> GeneratorFold:
     """Train, score and save the generator of one fold (into ``out_dir``, the model folder's
-    staging folder, when given); log to ``run``. Only the main process writes the weights."""
+    staging folder, when given); log to ``run``. Only the main process writes the weights.
+    ``masks`` (lesion masks row-aligned with ``images``) add the lesion-aware test metrics."""
     cfg = params.generator
     seed = generator_fold_seed(params.seed, view, fold)
     train_ds = paired_dataset(images, subsets["train"], cfg, seed, augment=True)
@@ -87,7 +88,7 @@ def train_generator_fold(paths: ProjectPaths, params: Params, view: str, fold: i
                             device=device, restart_if_stale=True)
     generator = trained_generator(cfg, result.generator_state)
     val_quality, _ = evaluate_generator(generator, images, subsets["val"], cfg.batch_size, device)
-    test, synthetic = evaluate_generator(generator, images, subsets["test"], cfg.batch_size, device)
+    test, synthetic = evaluate_generator(generator, images, subsets["test"], cfg.batch_size, device, masks=masks)
     weights = paths.generator_weights(view, fold)
     if out_dir is not None:
         weights = staged_path(weights, paths.generator_dir(view), out_dir)

@@ -60,12 +60,27 @@ def _paired_lines(paired: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _ceiling_lines(ceilings: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not ceilings:
+        return ["Observer ceilings: not computed (no lesion masks in the data)."]
+    lines = ["Observer ceilings (a reader told where the lesion is reads its contrast to the surround, views "
+             "fused; same test folds). Share = (AUC - 50) / (ceiling - 50):", "",
+             "| setting | AUC | ceiling AUC | share of ceiling |", "| --- | --- | --- | --- |"]
+    for c in ceilings:
+        share = "n/a" if c.get("share") is None else f"{100 * c['share']:.0f} %"
+        lines.append(f"| {c['setting']} | {_pct(c.get('auc'))} | {_pct(c.get('ceiling_auc'))} ± "
+                     f"{_pct(c.get('ceiling_sem'))} | {share} |")
+    return lines
+
+
 def model_card_markdown(*, arch: str, registered_name: str, data_version: str, simulated_share: float,
                         cohort: Mapping[str, Any], metrics: Mapping[str, Mapping[str, Any]],
                         paired: Sequence[Mapping[str, Any]], weight_warnings: Sequence[str],
                         generator_means: Mapping[str, Mapping[str, Any]], serving_fold: int,
-                        decision: str, reasons: Sequence[str]) -> str:
-    """The model card as markdown. ``simulated_share``: share of the data's images that are simulated."""
+                        decision: str, reasons: Sequence[str],
+                        ceilings: Sequence[Mapping[str, Any]] = ()) -> str:
+    """The model card as markdown. ``simulated_share``: share of the data's images that are simulated;
+    ``ceilings``: F and C beside their observer ceilings (gate_checks.read_evidence)."""
     simulated = simulated_share > 0
     data_note = ("**Simulated data.** Every metric below comes from the project's simulated test bed "
                  "(`vbiopsy synth`), whose physics is not fitted to real scanners: it checks the pipeline, it "
@@ -106,7 +121,7 @@ def model_card_markdown(*, arch: str, registered_name: str, data_version: str, s
             f"{view} SSIM {m.get('ssim', float('nan')):.3f}, PSNR {m.get('psnr', float('nan')):.2f} dB"
             for view, m in generator_means.items()) + ".",
         "",
-        "Observer ceilings: not computed (the evaluation does not yet read the simulator's lesion ground truth).",
+        *_ceiling_lines(ceilings),
         "",
         "Calibration: not assessed. p is the fused output of the classifiers, not a calibrated "
         "probability; do not read it as a risk.",

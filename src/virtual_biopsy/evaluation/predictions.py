@@ -41,6 +41,10 @@ PREDICTION_COLUMNS = (
 SUBSETS = ("val", "test")
 SOURCES = ("real", "synthetic")
 GENERATOR_FOLD_KEYS = ("fold", "mse", "psnr", "ssim", "baseline_ssim", "baseline_psnr")
+# Lesion-aware keys (scoring.lesion_aware_quality), present when preprocess wrote lesion masks.
+GENERATOR_LESION_KEYS = tuple(f"{prefix}{k}" for prefix in ("", "baseline_") for k in (
+    "breast_mse", "breast_psnr", "breast_ssim", "enhancement_error", "abs_enhancement_error",
+    "contrast_ratio_real", "contrast_ratio_predicted", "contrast_ratio_share")) + ("lesion_images",)
 _TEXT_COLUMNS = ("arch", "modality", "view", "subset", "lesion_id", "patient_id", "acr", "source", "image_id")
 
 
@@ -137,5 +141,19 @@ def load_generator_reports(paths: ProjectPaths, views: Iterable[str]) -> dict[st
             missing = [k for k in GENERATOR_FOLD_KEYS if not isinstance(entry, dict) or k not in entry]
             if missing:
                 raise PredictionsError(f"{path}: folds[{i}] lacks {missing}")
-        reports[view] = [{k: float(entry[k]) for k in GENERATOR_FOLD_KEYS} for entry in folds]
+        reports[view] = [{k: float(entry[k]) for k in (*GENERATOR_FOLD_KEYS, *GENERATOR_LESION_KEYS)
+                          if k in GENERATOR_FOLD_KEYS or entry.get(k) is not None} for entry in folds]
     return reports
+
+
+def load_ceilings(paths: ProjectPaths) -> pd.DataFrame | None:
+    """The observer_ceiling stage's table (evaluation.ceilings), or None when that stage has not run
+    (an evaluation of a project without it has no ceiling rows; the DVC pipeline always runs it)."""
+    path = paths.ceilings_dir / "ceilings.csv"
+    if not path.exists():
+        return None
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+

@@ -15,6 +15,7 @@ import pandas as pd
 
 from virtual_biopsy.core.config import EvaluateConfig
 from virtual_biopsy.evaluation import figures
+from virtual_biopsy.evaluation.ceilings import ceiling_shares, ceilings_markdown, shares_markdown
 from virtual_biopsy.evaluation.paired_tests import paired_comparisons, paired_comparisons_markdown
 from virtual_biopsy.evaluation.robustness import robustness_scores, summarize_robustness
 from virtual_biopsy.evaluation.settings import SETTING_SLUGS, fold_scores, lesion_probabilities, prepare_folds
@@ -24,6 +25,7 @@ from virtual_biopsy.evaluation.tables import (
     acr_scores,
     headline_metrics,
     table3,
+    table3_lesion_markdown,
     table3_markdown,
     table_a1,
     table_a1_markdown,
@@ -52,6 +54,8 @@ class Evaluation:
     table3: pd.DataFrame
     roc: pd.DataFrame
     headline: dict
+    ceilings: pd.DataFrame       # observer ceilings (evaluation.ceilings), empty without lesion masks
+    ceiling_shares: pd.DataFrame  # F and C AUC as a share of their ceiling, per architecture
 
     @property
     def weight_warnings(self) -> list[str]:
@@ -63,11 +67,14 @@ class Evaluation:
 
 
 def evaluate_settings(predictions: pd.DataFrame, generator_reports: dict, modalities: tuple[str, ...],
-                      views: tuple[str, ...], cfg: EvaluateConfig, seed: int) -> Evaluation:
-    """Compute the evaluation; ``seed`` drives the robustness draws and the bootstrap resamples."""
+                      views: tuple[str, ...], cfg: EvaluateConfig, seed: int,
+                      ceilings: pd.DataFrame | None = None) -> Evaluation:
+    """Compute the evaluation; ``seed`` drives the robustness draws and the bootstrap resamples;
+    ``ceilings`` is the observer_ceiling stage's table (evaluation.ceilings), None when absent."""
     folds = prepare_folds(predictions, tuple(modalities), tuple(views))
     probabilities = lesion_probabilities(folds)
     scores = fold_scores(probabilities)
+    headline = headline_metrics(scores)
     both_modalities = set(modalities) == {"FFDM", "CESM"}
     robustness = (summarize_robustness(robustness_scores(folds, cfg.robustness_shares, cfg.robustness_draws, seed))
                   if both_modalities else pd.DataFrame(columns=ROBUSTNESS_COLUMNS))
@@ -77,7 +84,9 @@ def evaluate_settings(predictions: pd.DataFrame, generator_reports: dict, modali
         weights=weight_stability(folds, seed=seed, draws=cfg.bootstrap_resamples,
                                  min_per_class=cfg.min_weight_lesions),
         acr_breakdown=acr_breakdown(acr_scores(probabilities)), robustness=robustness,
-        table3=table3(generator_reports), roc=figures.roc_points(probabilities), headline=headline_metrics(scores),
+        table3=table3(generator_reports), roc=figures.roc_points(probabilities), headline=headline,
+        ceilings=ceilings if ceilings is not None else pd.DataFrame(),
+        ceiling_shares=ceiling_shares(ceilings, headline) if ceilings is not None and len(ceilings) else pd.DataFrame(),
     )
 
 
@@ -86,15 +95,22 @@ def evaluation_tables(result: Evaluation) -> dict[str, pd.DataFrame | str]:
     a1 = table_a1_markdown(result.table_a1)
     if not result.paired.empty:
         a1 += "\nPaired comparisons (pooled out-of-fold test lesions):\n\n" + paired_comparisons_markdown(result.paired)
+    if not result.ceilings.empty:
+        a1 += ("\nObserver ceilings (a reader told where the lesion is; same test folds; AUC mean ± SE):\n\n"
+               + ceilings_markdown(result.ceilings)
+               + "\nF and C as a share of their ceiling ((AUC - 0.5) / (ceiling - 0.5); ceiling: contrast, views fused):\n\n"
+               + shares_markdown(result.ceiling_shares))
     return {
         "table_a1.csv": result.table_a1, "table_a1.md": a1,
         "paired_tests.csv": result.paired,
-        "table3.csv": result.table3, "table3.md": table3_markdown(result.table3),
+        "table3.csv": result.table3, "table3.md": table3_markdown(result.table3) + "\nLesion-aware (breast only; inside the lesion mask):\n\n"
+        + table3_lesion_markdown(result.table3),
         "robustness.csv": result.robustness,
         "acr_breakdown.csv": result.acr_breakdown, "acr_breakdown.md": acr_breakdown_markdown(result.acr_breakdown),
         "roc.csv": result.roc, "fold_scores.csv": result.fold_scores,
         "weights.csv": result.weights, "weights.md": weight_stability_markdown(result.weights),
         "test_probabilities.csv": result.probabilities,
+        **({"ceiling_shares.csv": result.ceiling_shares} if not result.ceiling_shares.empty else {}),
     }
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from virtual_biopsy.evaluation import metrics
+from virtual_biopsy.evaluation import lesion_metrics, metrics
 from virtual_biopsy.evaluation.predictions import PREDICTION_COLUMNS
 from virtual_biopsy.training.generator_trainer import generate
 
@@ -37,6 +37,9 @@ def prediction_rows(frame: pd.DataFrame, p: np.ndarray, arch: str, fold: int, su
 
 
 METRIC_NAMES = ("mse", "psnr", "ssim")
+# Lesion-aware quality (lesion_metrics.lesion_quality): breast-only MSE/PSNR/SSIM and, in the lesion,
+# the enhancement error and contrast ratios; reported for G(LE) and the LE baseline alike.
+LESION_METRIC_NAMES = tuple(k for k in lesion_metrics.LESION_QUALITY_KEYS if k != "lesion_images")
 
 
 def image_quality(real: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
@@ -45,15 +48,32 @@ def image_quality(real: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
     return {name: float(np.mean(values)) for name, values in per_image.items()}
 
 
+def lesion_aware_quality(real: np.ndarray, predicted: np.ndarray, le: np.ndarray, masks: np.ndarray
+                         ) -> dict[str, float]:
+    """lesion_metrics.lesion_quality of ``predicted`` and of the LE baseline (``baseline_`` keys)
+    against ``real``; the breast is where LE > 0, the lesion where ``masks`` (the DES rows') is 1."""
+    ours = lesion_metrics.lesion_quality(real, predicted, le, masks)
+    baseline = lesion_metrics.lesion_quality(real, le, le, masks)
+    return {**{k: float(ours[k]) for k in LESION_METRIC_NAMES}, "lesion_images": int(ours["lesion_images"]),
+            **{f"baseline_{k}": float(baseline[k]) for k in LESION_METRIC_NAMES}}
+
+
 def evaluate_generator(generator: torch.nn.Module, images: np.ndarray, pairs: pd.DataFrame,
-                       batch_size: int, device: str) -> tuple[dict[str, float], np.ndarray]:
-    """Quality of G(LE) and of the LE-as-CESM baseline on ``pairs``; also returns G(LE)."""
+                       batch_size: int, device: str, masks: np.ndarray | None = None
+                       ) -> tuple[dict[str, float], np.ndarray]:
+    """Quality of G(LE) and of the LE-as-CESM baseline on ``pairs``; also returns G(LE).
+
+    With ``masks`` (data/processed/lesion_masks.npy, row-aligned with ``images``) the lesion-aware
+    metrics are added (:func:`lesion_aware_quality`)."""
     le = np.asarray(images[pairs["le_row"].to_numpy()], dtype=np.float32)
     des = np.asarray(images[pairs["des_row"].to_numpy()], dtype=np.float32)
     synthetic = generate(generator, le, batch_size=batch_size, device=device)
     quality = image_quality(des, synthetic)
     baseline = image_quality(des, le)
-    return {**quality, **{f"baseline_{k}": v for k, v in baseline.items()}}, synthetic
+    out = {**quality, **{f"baseline_{k}": v for k, v in baseline.items()}}
+    if masks is not None:
+        out |= lesion_aware_quality(des, synthetic, le, np.asarray(masks[pairs["des_row"].to_numpy()]))
+    return out, synthetic
 
 
 def summarize_classifier_folds(outcomes) -> dict:
@@ -74,6 +94,8 @@ def summarize_generator_folds(view: str, outcomes, serving: dict) -> dict:
     ``test_pairs`` and ``result`` (best_epoch, epochs_run, history).
     """
     keys = (*METRIC_NAMES, *(f"baseline_{m}" for m in METRIC_NAMES))
+    if all(m in o.test for o in outcomes for m in LESION_METRIC_NAMES):
+        keys += (*LESION_METRIC_NAMES, *(f"baseline_{m}" for m in LESION_METRIC_NAMES), "lesion_images")
     per_fold = [
         {"fold": o.fold, **{k: o.test[k] for k in keys},
          "best_epoch": o.result.best_epoch, "epochs_run": o.result.epochs_run, "val_ssim": o.val_ssim,

@@ -112,7 +112,10 @@ def plan_server(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int = 
     argv = [python, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", str(workers),
             "--serve-artifacts", "--artifacts-destination", destination]
     # The backend URI may carry a password: hand it over in the environment, not in argv.
-    child_env = {"MLFLOW_BACKEND_STORE_URI": backend, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    child_env = {"MLFLOW_BACKEND_STORE_URI": backend, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+                 # MLflow 3's job runner (huey consumers for GenAI jobs: prompt optimisation, scorers)
+                 # serves nothing this platform uses and keeps three more processes polling.
+                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
     auth_config = None
     if auth:
         for name in AUTH_ENVS:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import pandas as pd
 
 from virtual_biopsy import evaluation as ev
 from virtual_biopsy.core.atomic import (
@@ -77,7 +78,7 @@ def run_evaluation(root: str | Path, params: Params) -> EvaluationResult:
     predictions = ev.load_predictions(paths, cls.architectures, cls.modalities, cls.views)
     generator = ev.load_generator_reports(paths, params.generator.views)
     result = evaluate_settings(predictions, generator, tuple(cls.modalities), tuple(cls.views), params.evaluate,
-                               params.seed)
+                               params.seed, ceilings=ev.load_ceilings(paths))
     tables, drawn = evaluation_tables(result), evaluation_figures(result)
     out = paths.evaluation_dir
     # reports/evaluation is one set: written to a staging folder, swapped in once (no stale file stays).
@@ -111,6 +112,8 @@ def log_evaluation(run, result: EvaluationResult, root: str | Path, params: Para
     run.log_artifacts(result.output_dir, "evaluation")
     run.log_artifact(result.metrics_file)
     run.log_metrics(paired_metrics(evaluation.paired))
+    run.log_metrics({f"{r['arch']}.{r['setting']}.share_of_ceiling": r["share"]
+                     for _, r in evaluation.ceiling_shares.iterrows() if pd.notna(r["share"])})
     run.set_tags({"weight_warnings": len(evaluation.weight_warnings)})
     for (arch, setting), group in evaluation.fold_scores.groupby(["arch", "setting"], sort=False):
         with run.child(f"{arch} {setting}",

@@ -142,7 +142,7 @@ def gate_architecture(paths: ProjectPaths, params: Params, arch: str, run, cards
         simulated_share=gate_checks.simulated_share(paths), cohort=cohort_counts(predictions, arch),
         metrics=reports["metrics"], paired=evidence["paired_tests"], weight_warnings=evidence["weight_warnings"],
         generator_means=reports["generator_means"], serving_fold=candidate.info["serving_fold"],
-        decision=decision.decision, reasons=decision.reasons)
+        decision=decision.decision, reasons=decision.reasons, ceilings=evidence["ceilings"])
     write_text(cards / paths.model_card(arch).name, card)
     tags = {"arch": arch, "serving_fold": candidate.info["serving_fold"], **run.context,
             **metric_tags(reports["metrics"]), **decision_tags(decision), **gate_checks.evidence_tags(evidence)}

@@ -2,10 +2,12 @@
 
     python -m virtual_biopsy.stages.ingest [--root .] [--params params.yaml] [--no-mlflow]
 
-Writes data/interim/manifest.csv (data.layout.MANIFEST_COLUMNS), reports/ingest/rejected.csv
-(file, reason) and reports/ingest/summary.json (counts; dvc metrics). Exits 1 with a one-line
-message when the raw folder cannot be ingested or more than ingest.max_rejected_share of the files
-is rejected (the reports are still written, so the reasons are at hand).
+Writes data/interim/manifest.csv (data.layout.MANIFEST_COLUMNS), data/interim/lesions.csv (the
+lesion truth of data/raw/lesions.csv keyed by image id, data.layout.INTERIM_LESION_COLUMNS; header
+only without one), reports/ingest/rejected.csv (file, reason) and reports/ingest/summary.json
+(counts; dvc metrics). Exits 1 with a one-line message when the raw folder cannot be ingested, its
+lesions.csv cannot be used (nothing is written then), or more than ingest.max_rejected_share of
+the files is rejected (the reports are still written, so the reasons are at hand).
 """
 from __future__ import annotations
 

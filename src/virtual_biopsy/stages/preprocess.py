@@ -2,11 +2,13 @@
 
     python -m virtual_biopsy.stages.preprocess [--root .] [--params params.yaml] [--no-mlflow]
 
-Reads data/interim/manifest.csv and the raw DICOM files, found through the private
-data/interim/sources.csv (data/sources.py: rebuilt from data/raw when missing); writes
-data/processed/images.npy (float32 (N, S, S) in [0, 1], S = preprocess.image_size;
-np.load(..., mmap_mode="r")) and data/processed/index.csv (manifest columns + ``row``: no raw
-path, no original UID). See data/preprocess.py for the steps.
+Reads data/interim/manifest.csv, data/interim/lesions.csv and the raw DICOM files and lesion
+masks, found through the private data/interim/sources.csv (data/sources.py: rebuilt from data/raw
+when missing); writes data/processed/images.npy (float32 (N, S, S) in [0, 1], S =
+preprocess.image_size; np.load(..., mmap_mode="r")), data/processed/index.csv (manifest columns +
+``row``: no raw path, no original UID), data/processed/lesion_masks.npy (uint8 (N, S, S), row-aligned,
+1 inside the lesion) and data/processed/lesions.csv (one row per image with a mask). See
+data/preprocess.py for the steps.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.ingest import IngestError
 from virtual_biopsy.data.preprocess import (
     PreprocessError,
+    read_interim_lesions,
     read_manifest,
     write_processed,
 )
@@ -27,10 +30,11 @@ STAGE = "preprocess"
 
 
 def run_preprocess(paths: ProjectPaths, params: Params) -> dict:
-    """Preprocess every manifest row; return counts and timing."""
+    """Preprocess every manifest row and its lesion mask; return counts and timing."""
     manifest = read_manifest(paths.manifest)
+    lesions = read_interim_lesions(paths.interim_lesions)
     sources = source_files(paths, params.ingest, manifest["image_id"])
-    return write_processed(manifest, sources, params.preprocess, paths)
+    return write_processed(manifest, sources, params.preprocess, paths, lesions)
 
 
 def log_to_mlflow(run, summary: dict) -> None:

@@ -75,10 +75,12 @@ def log_fold_inputs(run, paths: ProjectPaths, params: Params, view: str, fold: i
                            "folds": relative(paths.splits, paths.root), "fold": fold})
 
 
-def read_inputs(paths: ProjectPaths) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+def read_inputs(paths: ProjectPaths) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """Processed images, their row-aligned lesion masks, the index and the folds."""
     require_inputs([(paths.processed_images, "preprocess"), (paths.processed_index, "preprocess"),
-                    (paths.splits, "split")])
-    return open_images(paths.processed_images), pd.read_csv(paths.processed_index), pd.read_csv(paths.splits)
+                    (paths.processed_lesion_masks, "preprocess"), (paths.splits, "split")])
+    return (open_images(paths.processed_images), np.load(paths.processed_lesion_masks, mmap_mode="r"),
+            pd.read_csv(paths.processed_index), pd.read_csv(paths.splits))
 
 
 def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: str | None = None,
@@ -94,7 +96,7 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
         raise CohortError(f"unknown view {view!r}; choose from {VIEWS}")
     # Under torchrun: join the process group now (rank 0 alone opens the MLflow run); rank r uses GPU r.
     device, main_process = distributed.setup_device(params.generator.device if device is None else device)
-    images, index, folds = read_inputs(paths)
+    images, masks, index, folds = read_inputs(paths)
     pairs = view_pairs(index, view)
     if pairs.empty:
         raise CohortError(f"{paths.processed_index}: no LE/DES pairs of view {view}")
@@ -107,7 +109,7 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
             with run.child(f"fold-{fold}", tags={"view": view, "fold": fold}) as fold_run:
                 log_fold_inputs(fold_run, paths, params, view, fold, subsets)
                 outcomes.append(train_generator_fold(paths, params, view, fold, images, subsets, fold_run, device,
-                                                         staged))
+                                                     staged, masks=masks))
         state, serving = serving_generator(paths, params, view, images, pairs, folds, outcomes, device)
         if not main_process:
             return summarize_generator_folds(view, outcomes, serving)
@@ -124,7 +126,7 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
         report = summarize_generator_folds(view, outcomes, serving)
         write_json(paths.generator_report(view), report)
         figure3(paths.figure3(view), view,
-                figure3_examples([(o.test_pairs, o.test_synthetic) for o in outcomes], images))
+                figure3_examples([(o.test_pairs, o.test_synthetic) for o in outcomes], images, masks))
         run.log_metrics({f"test_{k}": v for k, v in report["mean"].items()})
         run.log_artifact(paths.generator_report(view), "generator")
         run.log_artifact(paths.figure3(view), "generator")

@@ -7,7 +7,9 @@
 Each format is one module exposing ``import_release(source, out_dir, table) -> ImportOutcome``;
 :data:`FORMATS` is the registry the CLI offers. Output: ``images/...dcm`` + ``metadata.csv``
 (data.layout.METADATA_COLUMNS) + ``import_report.csv`` (every source file and every unmatched
-spreadsheet row, with status and reason), written atomically.
+spreadsheet or annotation row, with status and reason), and, for a release with lesion outlines
+(CDD-CESM's hand-drawn segmentations), ``masks/...png`` + ``lesions.csv``
+(data.layout.LESION_COLUMNS), written atomically.
 """
 from __future__ import annotations
 

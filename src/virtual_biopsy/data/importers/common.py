@@ -2,10 +2,11 @@
 layout, and the minimal DICOM wrapping of a JPEG mammogram.
 
 An importer reads a public release and fills an :class:`ImportOutcome` while writing images
-into a temporary folder; :func:`run_import` turns that folder into ``data/raw`` in one rename,
-together with ``metadata.csv`` and ``import_report.csv``. Nothing is dropped silently: every
-source file gets a report row (imported, rejected, ignored) and every spreadsheet row that names
-no image gets one (unmatched).
+(and the lesion masks of a release with outlines) into a temporary folder; :func:`run_import`
+turns that folder into ``data/raw`` in one rename, together with ``metadata.csv``,
+``import_report.csv`` and, when masks were written, ``lesions.csv``. Nothing is dropped silently:
+every source file gets a report row (imported, rejected, ignored), every spreadsheet row that
+names no image gets one (unmatched), and so does every annotation row that cannot be used.
 
 DICOM building lives here only until a shared writer exists in ``virtual_biopsy.dicom``; it
 writes the few tags that ingest and preprocessing read, nothing clinical it cannot know.
@@ -27,7 +28,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, ExplicitVRLittleEndian, generate_uid
 
 from virtual_biopsy.core.atomic import atomic_dir, write_csv
-from virtual_biopsy.data.layout import METADATA_COLUMNS
+from virtual_biopsy.data.layout import LESION_COLUMNS, LESIONS_FILE, METADATA_COLUMNS
 from virtual_biopsy.dicom.cesm import DIGITAL_MG_FOR_PRESENTATION, IMAGE_TYPE_DES, IMAGE_TYPE_LE
 
 REPORT_COLUMNS = ("source", "status", "reason", "destination")
@@ -44,10 +45,16 @@ class ImporterError(ValueError):
 
 @dataclass
 class ImportOutcome:
-    """Everything one importer run produced: metadata rows of written images and report rows."""
+    """Everything one importer run produced: metadata rows of written images, lesions.csv rows of
+    written masks (data.layout.LESION_COLUMNS) and report rows."""
 
     metadata: list[dict] = field(default_factory=list)
     report: list[dict] = field(default_factory=list)
+    lesions: list[dict] = field(default_factory=list)
+
+    def lesion(self, row: dict) -> None:
+        """Record the lesions.csv row of a mask the importer wrote."""
+        self.lesions.append(row)
 
     def imported(self, source: str, destination: str, row: dict, note: str = "") -> None:
         self.metadata.append(row)
@@ -101,6 +108,9 @@ def run_import(importer: Importer, source: Path, dest: Path, table: Path | None,
             raise ImporterError(f"{source}: no image could be imported. {top_reasons(outcome)}")
         metadata = pd.DataFrame(outcome.metadata, columns=list(METADATA_COLUMNS)).sort_values("file")
         write_csv(tmp / METADATA_NAME, metadata)
+        if outcome.lesions:  # optional in the layout: a release without outlines has none
+            lesions = pd.DataFrame(outcome.lesions, columns=list(LESION_COLUMNS)).sort_values("file")
+            write_csv(tmp / LESIONS_FILE, lesions)
         write_csv(tmp / REPORT_NAME, pd.DataFrame(outcome.report, columns=list(REPORT_COLUMNS)))
     return outcome
 
@@ -118,10 +128,11 @@ def top_reasons(outcome: ImportOutcome, limit: int = 3) -> str:
 def summary(outcome: ImportOutcome, dest: Path) -> str:
     """Human summary printed by the CLI, ending with the next step."""
     counts = outcome.counts()
+    masks = f" with {len(outcome.lesions)} lesion masks ({LESIONS_FILE})" if outcome.lesions else ""
     lines = [
-        f"imported {counts[IMPORTED]} images into {dest}",
-        f"rejected {counts[REJECTED]} files, {counts[UNMATCHED]} spreadsheet rows named no image, "
-        f"ignored {counts[IGNORED]} companion files; every one is listed in {dest / REPORT_NAME}",
+        f"imported {counts[IMPORTED]} images into {dest}{masks}",
+        f"rejected {counts[REJECTED]} files or annotations, {counts[UNMATCHED]} spreadsheet or annotation rows "
+        f"named no image, ignored {counts[IGNORED]} companion files; every one is listed in {dest / REPORT_NAME}",
     ]
     if counts[REJECTED] or counts[UNMATCHED]:
         lines.append("warning: " + top_reasons(outcome))
