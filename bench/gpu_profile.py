@@ -10,7 +10,9 @@ profile's full epoch budget (no early stop assumed, so an upper bound).
 
 Without a GPU it says so and runs the same measurement on the CPU (default: a few steps at 64 px).
 
-    .venv/bin/python bench/gpu_profile.py [--profile profiles/gpu.yaml] [--steps 20]
+    .venv/bin/python bench/gpu_profile.py [--profile profiles/gpu.yaml] [--params params.yaml] [--steps 20]
+
+The profile is read as `vbiopsy profile` applies it (its `extends` resolved, on top of params.yaml).
 """
 from __future__ import annotations
 
@@ -22,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from throughput import synchronise
 
-from virtual_biopsy.core.config import ClassifierConfig, GeneratorConfig
+from virtual_biopsy.cli.profile import profile_params
+from virtual_biopsy.core.config import GeneratorConfig
 from virtual_biopsy.models import build_classifier
 from virtual_biopsy.training import AffineAugment, LabelledImageDataset, PairedImageDataset, open_images
 from virtual_biopsy.training.classifier_trainer import train_step
@@ -43,6 +45,7 @@ GOAL_S = 3600.0
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", type=Path, default=Path("profiles/gpu.yaml"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the base the profile applies to")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per network (default 20 GPU, 2 CPU)")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers on GPU")
@@ -117,23 +120,21 @@ def generator_rates(cfg: GeneratorConfig, images: np.ndarray, steps: int, warmup
 
 def main() -> int:
     args = parse_args()
-    profile = yaml.safe_load(args.profile.read_text())
+    params = profile_params(args.profile, args.params)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         torch.backends.cudnn.benchmark = True
-        size = int(profile["preprocess"]["image_size"])
+        size = params.preprocess.image_size
         print(f"GPU: {torch.cuda.get_device_name(device)}; profile {args.profile} at {size} px")
     else:
         size = args.cpu_image_size
         print(f"no GPU present: measuring on the CPU ({torch.get_num_threads()} threads) at {size} px instead of "
-              f"{profile['preprocess']['image_size']} px; the extrapolation below is for this CPU")
+              f"{params.preprocess.image_size} px; the extrapolation below is for this CPU")
     steps = args.steps or (20 if cuda else 2)
     warmup = args.warmup_steps if cuda else 1
     workers = args.workers if cuda else 0
-    classifier = ClassifierConfig(**{k: v for k, v in profile["classifier"].items() if k != "architectures"})
-    generator = GeneratorConfig(**profile["generator"])
-    folds = int(profile.get("split", {}).get("folds", 5))
+    classifier, generator, folds = params.classifier, params.generator, params.split.folds
     rows = max(64, 2 * (warmup + steps) * max(classifier.batch_size, generator.batch_size))
     total_s = 0.0
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,7 +144,7 @@ def main() -> int:
         # Each classifier epoch: the train images once with updates, the val images once more
         # (scored at about three times the training rate; counted here as training, an upper bound).
         images_per_epoch = BIOPSY_IMAGES_PER_MODALITY_VIEW * (TRAIN_SHARE + 0.1)
-        for arch in profile["classifier"]["architectures"]:
+        for arch in classifier.architectures:
             data_rate, model_rate = classifier_rates(arch, images, classifier.batch_size, steps, warmup, device, workers)
             seconds = classifier.epochs * folds * 2 * 2 * images_per_epoch / data_rate
             total_s += seconds

@@ -13,7 +13,8 @@ def exp_run_command(overrides: dict[str, Any], name: str) -> list[str]:
     """``dvc exp run -n NAME -S key=value ...`` for dotted params.yaml keys."""
     sets = []
     for key, value in overrides.items():
-        # dvc's -S takes YAML/Hydra values: lists as JSON, scalars as they are.
-        rendered = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        # dvc's -S takes Hydra override values: lists as JSON, numbers and strings as they are,
+        # and null/true/false spelt so (str() would give "None", which Hydra keeps as a string).
+        rendered = json.dumps(value) if value is None or isinstance(value, (list, dict, bool)) else str(value)
         sets += ["-S", f"{key}={rendered}"]
     return ["dvc", "exp", "run", "-n", name, *sets]
