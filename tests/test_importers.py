@@ -13,10 +13,10 @@ import openpyxl
 import pandas as pd
 import pydicom
 import pytest
+from dicom_checks import dciodvfy_errors, needs_dciodvfy
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from virtual_biopsy.data.importers import ImporterError, import_release, register
 from virtual_biopsy.core.config import IngestConfig
@@ -30,11 +30,21 @@ from virtual_biopsy.data.importers.cdd_cesm import (
 from virtual_biopsy.data.ingest import ingest_raw
 from virtual_biopsy.data.layout import FILE_NAME_RE, LESION_COLUMNS, METADATA_COLUMNS
 from virtual_biopsy.data.lesions import read_mask_png
+from virtual_biopsy.data.importers.jpeg import NOMINAL_PIXEL_SPACING_MM, UNKNOWN_ACQUISITION_ATTRIBUTES
 from virtual_biopsy.dicom.cesm import (
     DIGITAL_MG_FOR_PRESENTATION,
     IMAGE_TYPE_DES,
     IMAGE_TYPE_LE,
     energy_of,
+)
+from virtual_biopsy.dicom.write import (
+    Patient,
+    Series,
+    Study,
+    Window,
+    build_mammogram_dataset,
+    deterministic_uid,
+    write_dataset,
 )
 
 # Released CDD-CESM sheet 'all' columns, in the released order.
@@ -181,6 +191,8 @@ def test_cdd_cesm_keeps_grayscale_jpeg_bytes_inside_mammography_dicom(cdd_releas
     assert ds.SOPClassUID == DIGITAL_MG_FOR_PRESENTATION and ds.Modality == "MG"
     assert list(ds.ImageType) == IMAGE_TYPE_DES and energy_of(ds) == "DES"
     assert (ds.ImageLaterality, ds.ViewPosition, ds.PhotometricInterpretation) == ("L", "CC", "MONOCHROME2")
+    assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (8, 8, 7)
+    assert (ds.LossyImageCompression, ds.LossyImageCompressionMethod) == ("01", "ISO_10918_1")
     expected = np.asarray(Image.open(io.BytesIO(source)))
     # pydicom's JPEG plugin and Pillow are different libjpeg builds: IDCT rounding may differ by 1.
     assert np.abs(ds.pixel_array.astype(int) - expected).max() <= 1
@@ -231,9 +243,74 @@ def test_cdd_cesm_rejects_image_whose_sheet_row_disagrees_with_its_name(cdd_rele
     dest = tmp_path / "raw"
     import_release("cdd-cesm", cdd_release, dest)
     reasons = report_of(dest).set_index("source").reason
-    assert "Side='R' but the file name says 'L'" in reasons[f"{LOW_ENERGY_FOLDER}/P1_L_DM_CC.jpg"]
+    assert "says Side='R'; for a file named P1_L_DM_CC.jpg" in reasons[f"{LOW_ENERGY_FOLDER}/P1_L_DM_CC.jpg"]
     assert "breast density 'Q' is not an ACR category" in reasons[f"{SUBTRACTED_FOLDER}/P1_L_CM_CC.jpg"]
     assert "pathology 'Suspicious' is not Normal, Benign or Malignant" in reasons[f"{LOW_ENERGY_FOLDER}/P2_R_DM_MLO.jpg"]
+
+
+@pytest.mark.parametrize(("column", "bad", "message"), [
+    ("Patient_ID", 7, "sheet row 2 says Patient_ID='7'; for a file named P1_L_CM_CC.jpg (P1 in its name) the sheet "
+                      "must say Patient_ID='1' (the number after 'P' in the file name)"),
+    ("Side", "R", "sheet row 2 says Side='R'; for a file named P1_L_CM_CC.jpg (L in its name) the sheet must say "
+                  "Side='L' ('L' or 'R')"),
+    ("Type", "CM", "sheet row 2 says Type='CM'; for a file named P1_L_CM_CC.jpg (CM in its name) the sheet must say "
+                   "Type='CESM' (DM images: 'DM', CM images: 'CESM')"),
+    ("View", "MLO", "sheet row 2 says View='MLO'; for a file named P1_L_CM_CC.jpg (CC in its name) the sheet must "
+                    "say View='CC' ('CC' or 'MLO')"),
+])
+def test_cdd_cesm_sheet_name_mismatch_names_the_expected_value_and_the_fix(cdd_release, tmp_path, column, bad, message):
+    row = sheet_row("P1_L_CM_CC", 1, "L", "CESM", 51, "B", "CC", "Benign")
+    row[CDD_COLUMNS.index(column)] = bad
+    write_sheet(cdd_release / ANNOTATION_FILE_NAMES[0], [row, sheet_row("P2_R_CM_MLO", 2, "R", "CESM", 63, "A", "MLO",
+                                                                       "Normal")])
+    dest = tmp_path / "raw"
+    import_release("cdd-cesm", cdd_release, dest)
+    rejected = report_of(dest).set_index("source").loc[f"{SUBTRACTED_FOLDER}/P1_L_CM_CC.jpg"]
+    assert rejected.status == "rejected"
+    assert rejected.reason == f"{message}; correct the cell, or the file name if the sheet is right"
+
+
+def test_cdd_cesm_image_in_the_other_energy_folder_is_rejected_naming_the_right_folder(cdd_release, tmp_path):
+    (cdd_release / SUBTRACTED_FOLDER / "P1_L_CM_CC.jpg").rename(cdd_release / LOW_ENERGY_FOLDER / "P1_L_CM_CC.jpg")
+    dest = tmp_path / "raw"
+    import_release("cdd-cesm", cdd_release, dest)
+    reason = report_of(dest).set_index("source").reason[f"{LOW_ENERGY_FOLDER}/P1_L_CM_CC.jpg"]
+    assert reason == (f"CM image in folder '{LOW_ENERGY_FOLDER}', which holds DM images; move it to "
+                      f"'{SUBTRACTED_FOLDER}', or correct its name if the folder is right")
+
+
+CDD_FIXTURE_IMAGES = [  # every image the fixture imports: both energies, both views, kept and decoded JPEGs
+    "images/P1/S1/P1_S1_LCC_LOW_ENERGY.dcm", "images/P1/S1/P1_S1_LCC_RECOMBINED.dcm",
+    "images/P2/S1/P2_S1_RMLO_LOW_ENERGY.dcm", "images/P2/S1/P2_S1_RMLO_RECOMBINED.dcm",
+]
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize("image", CDD_FIXTURE_IMAGES)
+def test_cdd_cesm_dicom_passes_dciodvfy_without_errors(cdd_release, tmp_path, image):
+    dest = tmp_path / "raw"
+    import_release("cdd-cesm", cdd_release, dest)
+    assert sorted(metadata_of(dest).file) == CDD_FIXTURE_IMAGES
+    assert dciodvfy_errors(dest / image) == []
+
+
+def test_cdd_cesm_dicom_says_its_spacing_is_nominal_and_invents_no_acquisition_facts(cdd_release, tmp_path):
+    dest = tmp_path / "raw"
+    import_release("cdd-cesm", cdd_release, dest)
+    ds = pydicom.dcmread(dest / "images/P1/S1/P1_S1_LCC_LOW_ENERGY.dcm")
+    assert [float(v) for v in ds.ImagerPixelSpacing] == [NOMINAL_PIXEL_SPACING_MM] * 2
+    assert "nominal" in ds.ImageComments and "CDD-CESM P1_L_DM_CC.jpg" in ds.ImageComments
+    assert [k for k in UNKNOWN_ACQUISITION_ATTRIBUTES if k in ds] == []  # kVp, filter, calibrated spacing ...
+    assert (ds.Manufacturer, ds.StudyDate, ds.PatientBirthDate, ds.PatientAge) == ("", "", "", "051Y")
+
+
+def test_cdd_cesm_dicom_without_age_in_the_sheet_has_no_patient_age(cdd_release, tmp_path):
+    write_sheet(cdd_release / ANNOTATION_FILE_NAMES[0], [
+        sheet_row("P1_L_CM_CC", 1, "L", "CESM", None, "B", "CC", "Benign")])
+    dest = tmp_path / "raw"
+    import_release("cdd-cesm", cdd_release, dest)
+    ds = pydicom.dcmread(dest / "images/P1/S1/P1_S1_LCC_RECOMBINED.dcm")
+    assert "PatientAge" not in ds and metadata_of(dest).age.tolist() == [""]
 
 
 def test_cdd_cesm_sheet_without_released_column_is_an_error_naming_it(cdd_release, tmp_path):
@@ -359,6 +436,7 @@ def test_ingest_accepts_the_imported_cdd_cesm_masks(cdd_release, tmp_path):
     dest = tmp_path / "raw"
     import_release("cdd-cesm", cdd_release, dest)
     result = ingest_raw(dest, IngestConfig(workers=1))
+    assert result.rejected.empty and len(result.manifest) == 4  # every imported DICOM is accepted
     assert len(result.lesions) == 2 and set(result.lesions.source) == {"annotation"}
     assert result.lesions[["uptake", "le_density_excess", "glandular_around"]].isna().all().all()
     with_mask = result.sources[result.sources.mask_path != ""]
@@ -406,25 +484,19 @@ def test_import_of_unknown_format_is_an_error_naming_the_choices(tmp_path):
 # --- CESM@UCBM fixture -----------------------------------------------------------------------
 
 def write_mammogram(path: Path, laterality: str, view: str, energy: str, age: str = "056Y", seed: int = 0) -> None:
-    """A small GE-style CESM image: 16-bit MG, LE/DES marked in ImageType as the Pristina marks it."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = DIGITAL_MG_FOR_PRESENTATION
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(path)])
-    ds.SOPClassUID = DIGITAL_MG_FOR_PRESENTATION
-    ds.Modality = "MG"
-    ds.PatientAge = age
-    ds.ImageLaterality, ds.ViewPosition = laterality, view
-    ds.ImageType = IMAGE_TYPE_LE if energy == "LE" else IMAGE_TYPE_DES
-    ds.WindowCenter, ds.WindowWidth = 2000, 4000
+    """A small GE-style CESM image: 12-bit MG, LE/DES marked in ImageType as the Pristina marks it,
+    written by the project's writer (so a copy of it is as conformant as a vendor's file)."""
     pixels = np.random.default_rng(seed).integers(0, 4096, size=(12, 10), dtype=np.uint16)
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixels.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    ds = build_mammogram_dataset(
+        pixels,
+        patient=Patient("P96", "UCBM^P96", "", int(age[:3])),
+        study=Study(deterministic_uid("ucbm", "study"), "76", "", "20220103", "101500"),
+        series=Series(deterministic_uid("ucbm", "series", energy), 1 if energy == "LE" else 2, energy),
+        laterality=laterality, view=view, energy=energy, window=Window(2000, 4000),
+        sop_instance_uid=deterministic_uid("ucbm", "image", str(path)),
+        frame_of_reference_uid=deterministic_uid("ucbm", "frame", laterality, view),
+    )
+    write_dataset(ds, path)
 
 
 @pytest.fixture
@@ -497,3 +569,21 @@ def test_cesm_ucbm_table_without_image_column_is_an_error_naming_the_file(ucbm_r
     pd.DataFrame({"patient": ["P96"], "biopsy": ["benign"]}).to_csv(table, index=False)
     with pytest.raises(ImporterError, match=r"bad\.csv: no image column"):
         import_release("cesm-ucbm", root, tmp_path / "raw", table=table)
+
+
+@needs_dciodvfy
+def test_cesm_ucbm_copies_pass_dciodvfy_without_errors(ucbm_release, tmp_path):
+    root, table = ucbm_release
+    dest = tmp_path / "raw"
+    import_release("cesm-ucbm", root, dest, table=table)
+    files = sorted(metadata_of(dest).file)
+    assert len(files) == 3 and {f: dciodvfy_errors(dest / f) for f in files} == dict.fromkeys(files, [])
+
+
+def test_ingest_accepts_the_imported_cesm_ucbm_images(ucbm_release, tmp_path):
+    root, table = ucbm_release
+    dest = tmp_path / "raw"
+    import_release("cesm-ucbm", root, dest, table=table)
+    result = ingest_raw(dest, IngestConfig(workers=1))
+    assert len(result.manifest) == 2  # the RMLO pair; the late RCC LE lost its DES partner at import (view disagrees)
+    assert [reason.split(" (")[0] for reason in result.rejected.reason] == ["LE image without its DES partner"]

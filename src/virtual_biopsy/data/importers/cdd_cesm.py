@@ -17,6 +17,15 @@ carry stray spaces, which are ignored.
 
 Every patient has one exam, acquired in the early phase only; the study id is ``S1``.
 
+Each sheet row of an image must say what its file name says: ``Patient_ID`` the number after
+``P``, ``Side`` ``L``/``R``, ``Type`` ``DM`` for a DM file and ``CESM`` for a CM file, ``View``
+``CC``/``MLO``; a DM file must lie in the low-energy folder, a CM file in the subtracted one. An
+image that disagrees is rejected with the row, what it says, what it must say and the fix.
+
+Each JPEG becomes a Digital Mammography DICOM built by the project's one writer (:mod:`.jpeg`:
+pixels unchanged at 8 bits, a nominal 0.1 mm pixel spacing said to be nominal, a full-range
+window, nothing invented about the acquisition); ``dciodvfy`` accepts it without errors.
+
 Lesion outlines. ``Radiology_hand_drawn_segmentations_v2.csv`` is a VGG Image Annotator (VIA 2)
 CSV export (format in :mod:`.via`): columns ``#filename, file_size, file_attributes,
 region_count, region_id, region_shape_attributes, region_attributes``, one row per region;
@@ -41,6 +50,7 @@ would understate the lesion); the image itself and the rest of the import go ahe
 from __future__ import annotations
 
 import csv
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,16 +60,15 @@ import pandas as pd
 from virtual_biopsy.data.importers.common import (
     ImporterError,
     ImportOutcome,
-    MammogramTags,
-    jpeg_to_dicom,
     parse_acr,
     parse_age,
     relative_name,
-    save_dicom,
 )
+from virtual_biopsy.data.importers.jpeg import MammogramTags, jpeg_to_dicom
 from virtual_biopsy.data.importers.via import Region, RegionError, parse_region, rasterise
 from virtual_biopsy.data.layout import LESION_LATENT_COLUMNS, image_relpath, lesion_mask_relpath
 from virtual_biopsy.data.lesions import write_mask_png
+from virtual_biopsy.dicom.write import write_dataset
 
 RELEASE = "CDD-CESM"
 STUDY_ID = "S1"
@@ -87,8 +96,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg")
 NAME_PATTERN = "P<number>_<L|R>_<DM|CM>_<CC|MLO>.jpg"
 
 FILE_TYPE_TO_ENERGY = {"DM": "LE", "CM": "DES"}
-SHEET_TYPE_TO_FILE_TYPE = {"DM": "DM", "CESM": "CM"}
-FOLDER_TO_FILE_TYPE = {LOW_ENERGY_FOLDER: "DM", SUBTRACTED_FOLDER: "CM"}
+FILE_TYPE_TO_SHEET_TYPE = {"DM": "DM", "CM": "CESM"}  # the sheet's Type column spells CM as CESM
+FILE_TYPE_TO_FOLDER = {"DM": LOW_ENERGY_FOLDER, "CM": SUBTRACTED_FOLDER}
+FOLDER_TO_FILE_TYPE = {folder: file_type for file_type, folder in FILE_TYPE_TO_FOLDER.items()}
 PATHOLOGY_TO_LABEL = {"malignant": "malignant", "benign": "benign", "normal": "none"}
 LABEL_SEVERITY = ("none", "benign", "malignant")
 
@@ -287,20 +297,48 @@ def outlines_reason(outlines: Outlines) -> str:
 
 # --- one image -------------------------------------------------------------------------------
 
-def check_rows_agree(name: ImageName, rows: pd.DataFrame) -> None:
-    """The sheet's Patient_ID, Side, Type and View must say what the file name says."""
+@dataclass(frozen=True)
+class SheetRule:
+    """What one sheet column must say for an image: the value, the part of the file name that
+    decides it, and the column's rule in words (so an error shows the spelling the sheet uses)."""
+
+    value: str
+    name_part: str
+    rule: str
+
+
+def sheet_rules(name: ImageName) -> dict[str, SheetRule]:
+    """The sheet columns that must agree with the file name, and what each must say."""
+    return {
+        COL_PATIENT: SheetRule(str(name.number), name.patient, "the number after 'P' in the file name"),
+        COL_SIDE: SheetRule(name.side, name.side, "'L' or 'R'"),
+        COL_TYPE: SheetRule(FILE_TYPE_TO_SHEET_TYPE[name.file_type], name.file_type,
+                            "DM images: 'DM', CM images: 'CESM'"),
+        COL_VIEW: SheetRule(name.view, name.view, "'CC' or 'MLO'"),
+    }
+
+
+def cell_text(value: object) -> str:
+    """A sheet cell as it reads in the spreadsheet: blank -> '', a number read as 3.0 -> '3'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip().removesuffix(".0")
+
+
+def check_rows_agree(name: ImageName, rows: pd.DataFrame, file_name: str) -> None:
+    """The sheet's Patient_ID, Side, Type and View must say what the file name says.
+
+    The error names the row, what it says, the value it must say for this file and the fix.
+    """
     for _, row in rows.iterrows():
-        where = f"row {row['excel_row']}"
-        sheet_type = SHEET_TYPE_TO_FILE_TYPE.get(str(row[COL_TYPE]).strip())
-        found = {
-            COL_PATIENT: (str(row[COL_PATIENT]).strip().removesuffix(".0"), str(name.number)),
-            COL_SIDE: (str(row[COL_SIDE]).strip(), name.side),
-            COL_TYPE: (sheet_type, name.file_type),
-            COL_VIEW: (str(row[COL_VIEW]).strip(), name.view),
-        }
-        for column, (sheet_value, name_value) in found.items():
-            if sheet_value != name_value:
-                raise ValueError(f"sheet {where} says {column}={row[column]!r} but the file name says {name_value!r}")
+        for column, rule in sheet_rules(name).items():
+            said = cell_text(row[column])
+            if said != rule.value:
+                raise ValueError(
+                    f"sheet row {row['excel_row']} says {column}={said!r}; for a file named {file_name} "
+                    f"({rule.name_part} in its name) the sheet must say {column}={rule.value!r} ({rule.rule}); "
+                    "correct the cell, or the file name if the sheet is right"
+                )
 
 
 def label_of(rows: pd.DataFrame) -> str:
@@ -326,9 +364,13 @@ def single_value(rows: pd.DataFrame, column: str, parse) -> str:
 
 
 def check_folder(name: ImageName, path: Path) -> None:
+    """A DM image must lie in the low-energy folder and a CM image in the subtracted one."""
     expected = FOLDER_TO_FILE_TYPE.get(path.parent.name)
     if expected is not None and expected != name.file_type:
-        raise ValueError(f"{name.file_type} image in folder '{path.parent.name}', which holds {expected} images")
+        raise ValueError(
+            f"{name.file_type} image in folder '{path.parent.name}', which holds {expected} images; move it to "
+            f"'{FILE_TYPE_TO_FOLDER[name.file_type]}', or correct its name if the folder is right"
+        )
 
 
 def import_image(path: Path, name: ImageName, rows: pd.DataFrame,
@@ -336,14 +378,14 @@ def import_image(path: Path, name: ImageName, rows: pd.DataFrame,
     """Write one image as DICOM; return its relative path, its metadata row, a report note and its
     stored shape (rows, columns: the JPEG's, unchanged)."""
     check_folder(name, path)
-    check_rows_agree(name, rows)
+    check_rows_agree(name, rows, path.name)
     age = single_value(rows, COL_AGE, parse_age)
     acr = single_value(rows, COL_ACR, parse_acr)
     biopsy = label_of(rows)
     tags = MammogramTags(name.patient, STUDY_ID, name.side, name.view, name.energy, age, path.name, RELEASE)
     dataset, note = jpeg_to_dicom(path.read_bytes(), tags, path.name)
     relpath = image_relpath(name.patient, STUDY_ID, name.side, name.view, name.energy, late=False)
-    save_dicom(dataset, out_dir / relpath)
+    write_dataset(dataset, out_dir / relpath)
     row = {
         "file": relpath, "patient_id": name.patient, "study_id": STUDY_ID, "laterality": name.side,
         "view": name.view, "energy": name.energy, "phase": "early", "acr": acr, "age": age, "biopsy": biopsy,
