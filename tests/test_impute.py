@@ -9,11 +9,16 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from scipy import ndimage
+from dicom_checks import dciodvfy_errors
 
 from virtual_biopsy.cli import main as cli
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.imputation import ImputeError, plan_imputation
+from virtual_biopsy.data.source_geometry import SourceGeometry, to_source_geometry
 from virtual_biopsy.dicom.cesm import energy_of, is_simulated, is_synthetic
+from virtual_biopsy.dicom.read import display_window, read_pixels
+from virtual_biopsy.dicom.synthetic import stored_values
 from virtual_biopsy.models.weights import load_generator_weights
 from virtual_biopsy.stages import impute
 from virtual_biopsy.training.generator_trainer import generate
@@ -63,17 +68,36 @@ def test_plan_refuses_a_patient_in_no_test_set():
         plan_imputation(index, folds, ("CC",))
 
 
-def test_synthetic_dicom_round_trips_marked_synthetic_and_references_its_source(imputed, tmp_path):
+@pytest.fixture(scope="module")
+def exported(imputed, tmp_path_factory):
+    """``vbiopsy impute --dicom-out`` run once on the imputed project: (paths, index, images, out folder)."""
     paths, index, images = imputed
-    out = tmp_path / "dicom"
+    out = tmp_path_factory.mktemp("dicom")
     assert cli.main(["impute", "--root", str(paths.root), "--dicom-out", str(out), "--no-mlflow"]) == 0
-    files = sorted(out.rglob("*.dcm"))
-    assert len(files) == len(index)
+    return paths, index, images, out
+
+
+def _source_path(paths: ProjectPaths, source_image_id: str) -> str:
+    """The raw file (relative to data/raw) of an LE image, from the private sources table."""
+    return pd.read_csv(paths.sources, dtype=str).set_index("image_id").at[source_image_id, "source_path"]
+
+
+def _source_and_synthetic(exported, row):
+    paths, _, _, out = exported
+    relative = _source_path(paths, row["source_image_id"])
+    return (pydicom.dcmread(paths.raw / relative),
+            pydicom.dcmread(out / relative.replace(".dcm", "_SYNTHETIC_RECOMBINED.dcm")))
+
+
+def _copy(paths: ProjectPaths, tmp_path: Path) -> ProjectPaths:
+    return ProjectPaths(Path(shutil.copytree(paths.root, tmp_path / "project", ignore=shutil.ignore_patterns("mlruns"))))
+
+
+def test_synthetic_dicom_round_trips_marked_synthetic_and_references_its_source(exported):
+    paths, index, _, out = exported
+    assert len(sorted(out.rglob("*.dcm"))) == len(index)
     row = index.iloc[0]
-    # data/imputed names no raw file; the private sources table links the LE source to its file.
-    source_path = pd.read_csv(paths.sources, dtype=str).set_index("image_id").at[row["source_image_id"], "source_path"]
-    source = pydicom.dcmread(paths.raw / source_path)
-    ds = pydicom.dcmread(out / source_path.replace(".dcm", "_SYNTHETIC_RECOMBINED.dcm"))
+    source, ds = _source_and_synthetic(exported, row)
     assert is_synthetic(ds) and energy_of(ds) == "DES" and is_simulated(ds)
     assert ds.SeriesDescription.startswith("SYNTHETIC CESM")
     assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
@@ -82,16 +106,49 @@ def test_synthetic_dicom_round_trips_marked_synthetic_and_references_its_source(
     assert ds.SeriesInstanceUID != source.SeriesInstanceUID
     assert (ds.PatientID, ds.StudyInstanceUID) == (source.PatientID, source.StudyInstanceUID)
     assert source.SOPInstanceUID in ds.DerivationDescription
-    assert ds.pixel_array.shape == (32, 32)
-    # Stored pixels are the imputed image on the 12-bit scale, in the source's orientation.
-    restored = ds.pixel_array / 4095.0
-    oriented = np.fliplr(restored) if source.PatientOrientation[0] == "A" else restored
-    np.testing.assert_allclose(oriented, images[int(row["row"])], atol=1 / 4095)
+
+
+@pytest.mark.parametrize("laterality", ["L", "R"])
+def test_synthetic_dicom_has_its_le_sources_geometry_and_lies_over_it(exported, laterality):
+    _, index, images, _ = exported
+    row = index[index["laterality"] == laterality].iloc[0]
+    source, ds = _source_and_synthetic(exported, row)
+    assert (ds.Rows, ds.Columns) == (source.Rows, source.Columns) == (row["rows"], row["columns"])
+    assert ds.pixel_array.shape == (source.Rows, source.Columns)
+    assert list(ds.PixelSpacing) == list(source.PixelSpacing)
+    assert list(ds.ImagerPixelSpacing) == list(source.ImagerPixelSpacing)
+    assert ds.ImageLaterality == source.ImageLaterality == laterality
+    assert list(ds.PatientOrientation) == list(source.PatientOrientation)
+    assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
+    # Stored pixels: the imputed image put back into the source's geometry, on the 12-bit scale the
+    # window shows in full.
+    geometry = SourceGeometry.of_dataset(source, laterality)
+    np.testing.assert_array_equal(ds.pixel_array, stored_values(to_source_geometry(images[int(row["row"])], geometry)))
+    assert (float(ds.WindowCenter), float(ds.WindowWidth), ds.BitsStored) == (2048.0, 4096.0, 12)
+    # Lies over the source: the generator leaves air at 0, so the synthetic breast is the LE breast
+    # (LE above its window's low end), up to the blur of two resizes at the skin line.
+    center, width = display_window(source)
+    le_breast = read_pixels(source) > center - width / 2
+    synthetic_breast = ds.pixel_array > 0
+    assert (le_breast & synthetic_breast).sum() / (le_breast | synthetic_breast).sum() > 0.75  # mirrored: ~0.3
+    processed_pixel = max(source.Rows, source.Columns) / images.shape[1]  # source pixels per processed pixel
+    shift = np.subtract(ndimage.center_of_mass(le_breast), ndimage.center_of_mass(synthetic_breast))
+    assert np.abs(shift).max() <= processed_pixel
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None,
+                    reason="dciodvfy (Debian dicom3tools) missing; scripts/install_system_deps.sh installs it")
+@pytest.mark.parametrize("laterality", ["L", "R"])
+def test_synthetic_dicom_passes_dciodvfy_without_errors(exported, laterality):
+    paths, index, _, out = exported
+    row = index[index["laterality"] == laterality].iloc[0]
+    written = out / _source_path(paths, row["source_image_id"]).replace(".dcm", "_SYNTHETIC_RECOMBINED.dcm")
+    assert dciodvfy_errors(written) == []
 
 
 def test_rerun_replaces_imputed_as_one_set_with_the_same_bytes(imputed, tmp_path):
     paths, _, _ = imputed
-    copy = ProjectPaths(Path(shutil.copytree(paths.root, tmp_path / "project", ignore=shutil.ignore_patterns("mlruns"))))
+    copy = _copy(paths, tmp_path)
     digests = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(paths.imputed_dir.iterdir())}
     (copy.imputed_dir / "stale.npy").write_bytes(b"of an older run")
     assert impute.main(["--root", str(copy.root), "--no-mlflow"]) == 0
@@ -100,10 +157,39 @@ def test_rerun_replaces_imputed_as_one_set_with_the_same_bytes(imputed, tmp_path
 
 def test_dicom_export_refuses_a_source_file_that_no_longer_holds_the_imputed_images_source(imputed, tmp_path, capsys):
     paths, index, _ = imputed
-    copy = ProjectPaths(Path(shutil.copytree(paths.root, tmp_path / "project", ignore=shutil.ignore_patterns("mlruns"))))
-    source = pd.read_csv(copy.sources, dtype=str).set_index("image_id").at[index.iloc[0]["source_image_id"], "source_path"]
+    copy = _copy(paths, tmp_path)
+    source = _source_path(copy, index.iloc[0]["source_image_id"])
     ds = pydicom.dcmread(copy.raw / source)
     ds.SOPInstanceUID = pydicom.uid.generate_uid()  # another image under the same path
     ds.save_as(copy.raw / source)
     assert cli.main(["impute", "--root", str(copy.root), "--dicom-out", str(tmp_path / "dicom"), "--no-mlflow"]) == 1
-    assert "not the imputed image's LE source" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not the imputed image's LE source" in err and index.iloc[0]["source_image_id"] in err
+    assert Path(source).parts[0] not in err  # the raw layout names folders after the patient
+
+
+def test_dicom_export_names_the_image_not_the_path_when_a_source_is_missing(imputed, tmp_path, capsys):
+    paths, index, _ = imputed
+    copy = _copy(paths, tmp_path)
+    source = _source_path(copy, index.iloc[0]["source_image_id"])
+    (copy.raw / source).unlink()
+    assert cli.main(["impute", "--root", str(copy.root), "--dicom-out", str(tmp_path / "dicom"), "--no-mlflow"]) == 1
+    err = capsys.readouterr().err
+    assert f"synthetic image {index.iloc[0]['image_id']}" in err and "missing from the raw data" in err
+    assert Path(source).parts[0] not in err and Path(source).name not in err
+
+
+def test_dicom_export_refuses_a_source_of_other_geometry_than_the_manifest(imputed, tmp_path, capsys):
+    paths, index, _ = imputed
+    copy = _copy(paths, tmp_path)
+    row = index.iloc[0]
+    source = _source_path(copy, row["source_image_id"])
+    ds = pydicom.dcmread(copy.raw / source)
+    cropped = ds.pixel_array[:-4]  # the same image, 4 rows shorter than ingest recorded
+    ds.PixelData, ds.Rows = cropped.tobytes(), cropped.shape[0]
+    ds.save_as(copy.raw / source)
+    assert cli.main(["impute", "--root", str(copy.root), "--dicom-out", str(tmp_path / "dicom"), "--no-mlflow"]) == 1
+    err = capsys.readouterr().err
+    assert f"synthetic image {row['image_id']}" in err
+    assert f"{row['rows'] - 4} x {row['columns']} pixels but the manifest says {row['rows']} x {row['columns']}" in err
+    assert Path(source).parts[0] not in err

@@ -8,6 +8,7 @@ import shutil
 import pandas as pd
 import pydicom
 import pytest
+from dicom_checks import dciodvfy_errors
 
 from virtual_biopsy.cli.main import main as vbiopsy
 from virtual_biopsy.dicom.cesm import is_synthetic
@@ -36,6 +37,25 @@ def test_predict_reports_each_breast_and_writes_imputed_cesm_as_synthetic_dicom(
     written = sorted(out.glob("*.dcm"))
     assert len(written) == 2 * len(report["breasts"])
     assert all(is_synthetic(pydicom.dcmread(p)) for p in written)
+
+
+def test_predict_writes_each_imputed_cesm_in_its_ffdm_sources_geometry(gated_project, tiny_raw, tmp_path):
+    study = _study(tiny_raw, tmp_path, energies=("LE",))
+    out = tmp_path / "out"
+    assert vbiopsy(["predict", str(study), "--root", str(gated_project), "--out", str(out), "--json", "-"]) == 0
+    for source_path in sorted(study.glob("*.dcm")):
+        source = pydicom.dcmread(source_path)
+        written = out / f"{source_path.stem}_SYNTHETIC_RECOMBINED.dcm"
+        ds = pydicom.dcmread(written)
+        assert (ds.Rows, ds.Columns) == (source.Rows, source.Columns)
+        assert list(ds.PixelSpacing) == list(source.PixelSpacing)
+        assert list(ds.ImagerPixelSpacing) == list(source.ImagerPixelSpacing)
+        assert (ds.ImageLaterality, ds.ViewPosition) == (source.ImageLaterality, source.ViewPosition)
+        assert list(ds.PatientOrientation) == list(source.PatientOrientation)
+        assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        if shutil.which("dciodvfy"):
+            assert dciodvfy_errors(written) == []
 
 
 def test_predict_imputes_nothing_when_the_study_has_cesm(gated_project, tiny_raw, tmp_path, capsys):

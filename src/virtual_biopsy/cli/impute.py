@@ -3,7 +3,8 @@
 The imputation is the impute stage's (serving.imputation): run here only when data/imputed is
 missing or older than a generator or the processed data (or with ``--force``), exactly as the
 stage would. ``--dicom-out DIR`` then writes each synthetic image as a DICOM file in its LE
-source's patient and study, marked synthetic (dicom/synthetic.py).
+source's patient, study and geometry (rows, columns, pixel spacing, orientation: it lies over the
+LE image in a viewer), marked synthetic (serving/synthetic_cesm.py).
 """
 from __future__ import annotations
 
@@ -24,16 +25,14 @@ def run_impute_command(args: argparse.Namespace) -> int:
     from virtual_biopsy.data.imputation import ImputeError
     from virtual_biopsy.data.ingest import IngestError
     from virtual_biopsy.data.sources import SourcesError, source_files
-    from virtual_biopsy.dicom.synthetic import (
-        SyntheticDicomError,
-        write_synthetic_dicoms,
-    )
+    from virtual_biopsy.dicom.synthetic import SyntheticDicomError
     from virtual_biopsy.mlops import tracking
     from virtual_biopsy.serving.imputation import (
         impute_out_of_fold,
         imputed_outputs_stale,
         write_imputed,
     )
+    from virtual_biopsy.serving.synthetic_cesm import write_synthetic_dicoms
     from virtual_biopsy.training.loop import resolve_device
 
     paths = ProjectPaths(Path(args.root))

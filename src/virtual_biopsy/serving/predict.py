@@ -5,9 +5,10 @@
 Reads every ``*.dcm`` under STUDY_DIR, groups the images by breast (ImageLaterality), preprocesses
 them with the preprocess stage's code at the pipeline's image size, runs Algorithm 1 per breast and
 prints, per breast, p_F, p_C, p, the class and which CESM views were imputed. ``--out`` writes each
-imputed CESM view as a DICOM object marked synthetic (the impute stage's writer), ``--json`` the
-result as JSON. Errors name the file: a non-DICOM or non-mammography file, two patients in one
-study, a breast without an FFDM image of a view.
+imputed CESM view as a DICOM object marked synthetic in its FFDM source's geometry (rows, columns,
+pixel spacing, orientation; ``vbiopsy impute --dicom-out``'s writer, serving/synthetic_cesm.py),
+``--json`` the result as JSON. Errors name the file: a non-DICOM or non-mammography file, two
+patients in one study, a breast without an FFDM image of a view.
 
 Which image is used when a view holds several (e.g. early and late phase): the earliest acquired
 (AcquisitionTime, then InstanceNumber), as the paper classifies early-phase images. Images a
@@ -130,12 +131,13 @@ def predict_study(fused, breasts: dict[str, BreastStudy]) -> dict[str, Any]:
 
 
 def write_imputed(fused, breasts: dict[str, BreastStudy], results: dict[str, Any], out: Path) -> list[Path]:
-    """Each imputed CESM view as a synthetic DICOM beside nothing else (impute stage's writer)."""
+    """Each imputed CESM view as a synthetic DICOM in its FFDM source's geometry, named after the
+    source file (``vbiopsy impute --dicom-out``'s writer)."""
     import pandas as pd
 
     from virtual_biopsy.data.imputation import synthetic_image_id
-    from virtual_biopsy.dicom.synthetic import synthetic_dicom
     from virtual_biopsy.dicom.write import write_dataset
+    from virtual_biopsy.serving.synthetic_cesm import SYNTHETIC_SUFFIX, synthetic_cesm_dicom
 
     written = []
     for lat, result in results.items():
@@ -148,8 +150,8 @@ def write_imputed(fused, breasts: dict[str, BreastStudy], results: dict[str, Any
             row = pd.Series({"laterality": lat, "view": view, "generator_view": view, "generator_fold": fold,
                              "image_id": synthetic_image_id(str(source.SOPInstanceUID), view, fold)})
             stem = breasts[lat].paths[view, "LE"].stem
-            written.append(write_dataset(synthetic_dicom(source, result.cesm_images[view], row),
-                                         out / f"{stem}_SYNTHETIC_RECOMBINED.dcm"))
+            written.append(write_dataset(synthetic_cesm_dicom(source, result.cesm_images[view], row),
+                                         out / f"{stem}{SYNTHETIC_SUFFIX}.dcm"))
     return written
 
 
@@ -175,6 +177,7 @@ def report_text(report: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from virtual_biopsy.dicom.synthetic import SyntheticDicomError
     from virtual_biopsy.serving import fused_model
 
     uri = args.model or f"models:/{fused_model.registered_name(DEFAULT_ARCH)}@champion"
@@ -185,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         report = report_json(patient, uri, results, notes)
         if args.out:
             report["written"] = [str(p) for p in write_imputed(fused, breasts, results, Path(args.out))]
-    except (StudyError, fused_model.PipelineInputError) as exc:
+    except (StudyError, fused_model.PipelineInputError, SyntheticDicomError) as exc:
         print(f"predict: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - a model that cannot be loaded: say which, not a traceback
