@@ -22,3 +22,13 @@ def dciodvfy_errors(path: Path) -> list[str]:
     if "MammographyImageForPresentation" not in [line.strip() for line in lines]:
         return [f"not recognised as a mammography image: {lines[:3]}"]
     return [line for line in lines if line.startswith("Error")]
+
+
+def dciodvfy_iod_errors(path: Path, iod: str) -> list[str]:
+    """The ``Error`` lines dciodvfy reports for ``path``, after checking that it recognised the file
+    as the IOD named ``iod`` (its first output line, e.g. ``EnhancedSR`` or ``Segmentation``)."""
+    report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    lines = (report.stdout + report.stderr).splitlines()
+    if iod not in [line.strip() for line in lines]:
+        return [f"not recognised as {iod}: {lines[:3]}"]
+    return [line for line in lines if line.startswith("Error")]
