@@ -9,9 +9,7 @@ rendered page (``--dump-dom`` after a virtual-time budget).
 """
 from __future__ import annotations
 
-import html.parser
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from browser import VisibleText, chromium, needs_chromium
 from stack import free_port, stop_process
 
 from virtual_biopsy.cli.main import main as vbiopsy
@@ -29,41 +28,17 @@ from virtual_biopsy.mlops import tracking, ui_links
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Navigation and headings of GenAI mode; none may show on a model-training page.
 GENAI_MARKERS = ("Training runs", "Overview", "Sessions", "Judges", "Prompts & versions")
 PRINTED_URL = re.compile(r"http://127\.0\.0\.1:5000/#/[^\s`'\")]+")
 
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make system-deps installs it)")
-
-
-class _VisibleText(html.parser.HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-        self._hidden = 0
-
-    def handle_starttag(self, tag, attrs) -> None:
-        self._hidden += tag in ("script", "style", "noscript")
-
-    def handle_endtag(self, tag) -> None:
-        self._hidden -= tag in ("script", "style", "noscript")
-
-    def handle_data(self, data) -> None:
-        if not self._hidden and data.strip():
-            self.parts.append(data.strip())
 
 
 def page_text(url: str) -> str:
     """The visible text of ``url`` as a fresh headless Chromium profile renders it."""
     with tempfile.TemporaryDirectory(prefix="vbiopsy-profile-") as profile:
-        done = subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-             "--disable-background-networking", "--disable-component-update", f"--user-data-dir={profile}",
-             "--window-size=1600,1000", "--virtual-time-budget=30000", "--dump-dom", url],
-            capture_output=True, text=True, timeout=180,
-        )
-    parser = _VisibleText()
+        done = chromium(["--virtual-time-budget=30000", "--dump-dom", url], profile, window="1600,1000", timeout=180)
+    parser = VisibleText()
     parser.feed(done.stdout)
     return " | ".join(parser.parts)
 

@@ -2,11 +2,8 @@
 headless Chromium renders it, with nothing that identifies the patient in the page or its name."""
 from __future__ import annotations
 
-import html.parser
 import json
 import re
-import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from browser import VisibleText, chromium, needs_chromium
 
 from virtual_biopsy.cli.main import main as vbiopsy
 from virtual_biopsy.serving.report import (
@@ -30,8 +28,6 @@ from virtual_biopsy.serving.report import (
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make system-deps installs it)")
 # Identifying values planted in the study's headers and file names (as tests/test_privacy.py does).
 PLANTED = {"PatientName": "Doe^Jane-PRIVACY", "PatientID": "SECRET-ID-4711", "AccessionNumber": "ACC-PRIV-0815"}
 FILE_ID = "PHI-123"
@@ -73,40 +69,14 @@ def reports(gated_project, tiny_raw, tmp_path_factory) -> dict:
             "results": {kind: _predict(study, gated_project, out) for kind, study in studies.items()}}
 
 
-class _VisibleText(html.parser.HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-        self._hidden = 0
-
-    def handle_starttag(self, tag, attrs) -> None:
-        self._hidden += tag in ("script", "style", "noscript", "title")
-
-    def handle_endtag(self, tag) -> None:
-        self._hidden -= tag in ("script", "style", "noscript", "title")
-
-    def handle_data(self, data) -> None:
-        if not self._hidden and data.strip():
-            self.parts.append(data.strip())
-
-
-def _chromium(args: list[str], profile: str) -> subprocess.CompletedProcess:
-    """Headless Chromium with a fresh profile and no network traffic of its own."""
-    return subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-         "--disable-background-networking", "--disable-component-update", "--hide-scrollbars",
-         f"--user-data-dir={profile}", "--window-size=1400,2600", *args],
-        capture_output=True, text=True, timeout=120)
-
-
 def _open_in_chromium(page: Path, screenshot: Path) -> str:
     """The page's visible text as Chromium renders it from its file:// URL, and a screenshot."""
     url = page.resolve().as_uri()
     with tempfile.TemporaryDirectory(prefix="vbiopsy-profile-") as profile:
-        dom = _chromium(["--virtual-time-budget=5000", "--dump-dom", url], profile)
+        dom = chromium(["--virtual-time-budget=5000", "--dump-dom", url], profile)
     with tempfile.TemporaryDirectory(prefix="vbiopsy-profile-") as profile:
-        _chromium([f"--screenshot={screenshot}", url], profile)
-    parser = _VisibleText()
+        chromium([f"--screenshot={screenshot}", url], profile)
+    parser = VisibleText(hidden=("script", "style", "noscript", "title"))
     parser.feed(dom.stdout)
     return " | ".join(parser.parts)
 
