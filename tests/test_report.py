@@ -106,6 +106,8 @@ def test_the_page_opened_in_chromium_shows_each_breasts_probability_class_and_sy
     assert ("SYNTHETIC -- imputed from FFDM by cesm-generator-cc" in text) == (kind == "imputed")
     assert ("SYNTHETIC -- imputed from FFDM by cesm-generator-mlo" in text) == (kind == "imputed")
     assert ("acquired CESM" in text) == (kind == "acquired")
+    # The page names the setting its p comes from: F+Ĉ when both CESM views were imputed.
+    assert ("p (fused, F+Ĉ)" in text) == (kind == "imputed") and ("p (fused, F+C)" in text) == (kind == "acquired")
     assert text.count(NOT_AVAILABLE) == 3 * len(result["breasts"])  # calibrated p, fold spread, conformal set
     assert "Research use only" in text and "virtual-biopsy-resnet18" in text and "champion" in text
     assert "Grad-CAM" in text and "model card" in text.lower()

@@ -251,10 +251,14 @@ def _breast_section(breast: BreastReport) -> str:
     label = breast.label.lower()
     imputed = ", ".join(f"CESM {v}" for v in breast.imputed) or "none (both CESM views acquired)"
     conformal = ("{" + ", ".join(breast.conformal_set) + "}") if breast.conformal_set is not None else None
+    # The setting the page names is the one the numbers come from: Ĉ marks CESM that is imputed
+    # (both views), "C with Ĉ" a study that acquired one CESM view and imputed the other.
+    cesm = "Ĉ" if len(breast.imputed) == 2 else ("C with Ĉ " + "/".join(breast.imputed) if breast.imputed else "C")
     facts = "".join([
-        _row("p (fused, F+C)", f"{breast.p:.3f}"),
+        _row(f"p (fused, F+{cesm})", f"{breast.p:.3f}"),
         _row("p_F (FFDM, eq. 7)", f"{breast.p_ffdm:.3f}"),
-        _row("p_C (CESM, eq. 7)", f"{breast.p_cesm:.3f}"),
+        _row(f"p_{cesm if cesm == 'Ĉ' else 'C'} ({'synthetic ' if breast.imputed else ''}CESM, eq. 7)",
+             f"{breast.p_cesm:.3f}"),
         _row("class (maximum membership)",
              f"{label} (p(malignant) {breast.p:.3f} vs p(benign) {1 - breast.p:.3f})"),
         _row("calibrated p", f"{breast.calibrated_p:.3f}" if breast.calibrated_p is not None else _not_available(),
