@@ -354,3 +354,21 @@ def tiny_pipeline_run(_tiny_pipeline_runs) -> Path:
 def clone_run_on_team_stack(_tiny_pipeline_runs) -> CloneRun:
     """A fresh clone of the tiny project's commit, reproduced on the team stack (_tiny_pipeline_runs)."""
     return _tiny_pipeline_runs
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Make `--dist loadgroup` group again under pytest 9 (make test relies on it).
+
+    pytest-xdist 3.8 marks a test of an ``xdist_group`` by renaming ``item._nodeid`` to
+    ``<id>@<group>`` on each worker; pytest 9.2 reads ``nodeid`` from ``item._id`` instead, so
+    the rename was lost, the groups scattered over both workers, and the session's two tiny
+    pipelines ran once per worker (about 600 s of setup twice). Copy the rename to ``_id``.
+    Private API of the pinned pytest: drop this once xdist sets the id pytest reads.
+    """
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        renamed = getattr(item, "_nodeid", None)
+        if renamed and renamed != item.nodeid:
+            item._id = coerce_node_id(renamed)
