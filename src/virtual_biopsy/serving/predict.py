@@ -352,11 +352,13 @@ def run(args: argparse.Namespace) -> int:
         if args.out:
             report["written"] = [str(p) for p in write_imputed(fused, breasts, results, Path(args.out))]
         saliency = study_saliency(fused, images, results) if args.report or args.dicom_results else None
+        # one registry lookup serves both outputs
+        model = model_identity(uri, Path(args.root)) if args.report or args.dicom_results else None
         if args.dicom_results:
             report["dicom_results"] = [str(p) for p in write_dicom_results(
-                fused, breasts, results, saliency, model_identity(uri, Path(args.root)), Path(args.dicom_results))]
+                fused, breasts, results, saliency, model, Path(args.dicom_results))]
         if args.report:
-            page = study_page(fused, breasts, images, results, saliency, model_identity(uri, Path(args.root)),
+            page = study_page(fused, breasts, images, results, saliency, model,
                               page_notes(notes, Path(args.study_dir)))
             report["report"] = str(write_report(page, Path(args.report)))
     except (StudyError, fused_model.PipelineInputError, SyntheticDicomError, ReportError, SaliencyError,
