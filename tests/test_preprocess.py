@@ -77,6 +77,26 @@ def test_chest_wall_side_comes_from_patient_orientation_then_laterality(orientat
     assert chest_wall_on_left(orientation, laterality) is expected
 
 
+def _right_breast_file(raw: Path) -> Path:
+    return next(p for p in sorted((raw / "images").rglob("*.dcm")) if pydicom.dcmread(p).ImageLaterality == "R")
+
+
+@pytest.mark.parametrize("orientation", [["A", "L"], "A\\L", "A"])
+def test_patient_orientation_read_back_from_a_dicom_file_decides_the_chest_wall_side(
+        tiny_raw, tmp_path, orientation):
+    """A right breast stored with its chest wall on the left (PatientOrientation A, i.e. columns
+    run towards the nipple) is mirrored: pydicom gives the tag back as a MultiValue, not a list."""
+    source = _right_breast_file(tiny_raw)
+    ds = pydicom.dcmread(source)
+    ds.PatientOrientation = orientation
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[:, ::-1]).tobytes()  # chest wall now on the left
+    stored = tmp_path / "chest_wall_left.dcm"
+    ds.save_as(stored)
+    read_back = pydicom.dcmread(stored)
+    assert chest_wall_on_left(read_back.get("PatientOrientation"), "R") is True
+    np.testing.assert_array_equal(preprocess_file(stored, "R", SIZE), preprocess_file(source, "R", SIZE))
+
+
 def test_contrast_stretch_clips_to_the_window_and_spans_zero_to_one():
     image = np.array([[0.0, 100.0, 150.0, 200.0, 1000.0]], dtype=np.float32)
     out = contrast_stretch(image, center=150.0, width=100.0)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,11 +69,29 @@ class PreprocessError(ValueError):
 
 # --- one image ---------------------------------------------------------------------------------
 
+def _orientation_values(patient_orientation: object) -> list[str]:
+    """PatientOrientation's values in every form it comes in: pydicom's MultiValue (the usual
+    two-valued tag; not a ``list``), a list or tuple, a single str value, a raw backslash-joined
+    string (``"A\\R"``) or bytes; none (None, empty) gives ``[]``."""
+    if patient_orientation is None:
+        return []
+    if isinstance(patient_orientation, bytes):
+        patient_orientation = patient_orientation.decode("ascii", errors="replace")
+    if isinstance(patient_orientation, str):
+        return patient_orientation.split("\\") if patient_orientation else []
+    if isinstance(patient_orientation, Sequence):  # MultiValue, list, tuple
+        return [str(value) for value in patient_orientation]
+    return [str(patient_orientation)]
+
+
 def chest_wall_on_left(patient_orientation: object, laterality: str) -> bool:
-    """True when the chest wall is at column 0 (see the module docstring for the rule)."""
-    values = list(patient_orientation) if isinstance(patient_orientation, (list, tuple)) else (
-        str(patient_orientation or "").split("\\"))
-    first = str(values[0]).strip().upper() if values else ""
+    """True when the chest wall is at column 0 (see the module docstring for the rule).
+
+    ``patient_orientation`` is the tag's value as pydicom gives it (``ds.get("PatientOrientation")``:
+    a MultiValue) or any form :func:`_orientation_values` accepts.
+    """
+    values = _orientation_values(patient_orientation)
+    first = values[0].strip().upper() if values else ""
     if first.startswith("A"):
         return True
     if first.startswith("P"):
