@@ -153,6 +153,27 @@ def test_des_depends_on_anatomy_and_enhancement_only_not_on_le_noise():
     assert np.corrcoef(le[inside], des_a[inside])[0, 1] > 0.3
 
 
+def test_gaussian_blur_is_ndimage_bit_for_bit_below_the_fft_radius_and_to_rounding_above():
+    rng = np.random.default_rng(3)
+    noise = rng.standard_normal((120, 700)).astype(np.float32)
+    narrow = (2.0, (phantom.FFT_MIN_RADIUS - 1) / phantom.GAUSSIAN_TRUNCATE)  # the direct filter on both axes
+    np.testing.assert_array_equal(phantom.gaussian_blur(noise, narrow),
+                                  ndimage.gaussian_filter(noise, narrow, mode="reflect"))
+    wide = (3.0, 2 * phantom.FFT_MIN_RADIUS / phantom.GAUSSIAN_TRUNCATE)  # axis 1 by FFT
+    fast, direct = phantom.gaussian_blur(noise, wide), ndimage.gaussian_filter(noise, wide, mode="reflect")
+    assert fast.dtype == np.float32 and fast.shape == noise.shape
+    np.testing.assert_allclose(fast, direct, rtol=0, atol=1e-6 * float(np.abs(direct).max()))
+
+
+def test_gaussian_blur_keeps_a_non_negative_map_non_negative():
+    """FFT rounding alone would leave values of -1e-12 on a zero background (and NaN after the
+    BPE map's power 1.5); the direct filter's convex weights cannot."""
+    tissue = np.zeros((60, 900), np.float32)
+    tissue[20:40, 100:200] = 1.0
+    blurred = phantom.gaussian_blur(tissue, 2 * phantom.FFT_MIN_RADIUS / phantom.GAUSSIAN_TRUNCATE)
+    assert blurred.min() >= 0.0 and blurred.max() <= 1.0 and np.isfinite(blurred ** 1.5).all()
+
+
 def test_regenerating_with_same_arguments_gives_identical_bytes(tmp_path):
     synthesize(tmp_path / "one", SMALL, seed=11)
     synthesize(tmp_path / "two", SMALL, seed=11)
