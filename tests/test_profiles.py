@@ -63,7 +63,7 @@ def test_paper_generator_objective_is_adversarial_cycle_x10_identity_x5_without_
     assert (generator.lambda_cycle, generator.lambda_identity, generator.lambda_paired) == (10.0, 5.0, 0.0)
     # where the paper is silent: the authors' public code's batch; lr 1e-5 is the paper's fine-tuning rate
     assert generator.batch_size == 8 and generator.lr == pytest.approx(1e-5)
-    assert generator.pretrained_weights is None  # no pre-training stage yet (documented in paper.yaml)
+    assert generator.pretrained_weights == "models/pretrain/{view}.pt"  # fine-tuned after pre-training [P 5.2.1]
 
 
 def test_every_key_of_both_profiles_is_accepted_by_the_params_checks():

@@ -27,6 +27,7 @@ TINY_PARAMS = {
     "split": {"folds": 3},
     "generator": {"ngf": 4, "ndf": 4, "n_residual_blocks": 1, "epochs": 2, "warmup_epochs": 1, "patience": 1,
                   "batch_size": 8, "sample_every": 2},
+    "pretrain": {"cohort": {"patients": 8, "image_height": 64}, "epochs": 1, "warmup_epochs": 0, "patience": 1},
     "classifier": {"epochs": 2, "warmup_epochs": 1, "patience": 1, "lr_patience": 1, "batch_size": 8},
     "evaluate": {"robustness_shares": [0, 50, 100], "robustness_draws": 2},
     "gate": {"generator_floors": {"ssim": 0.0, "psnr": 0.0},

@@ -37,6 +37,7 @@ PHASES = ("early", "late")
 LABELS = ("malignant", "benign", "none")
 ACR_CATEGORIES = ("a", "b", "c", "d")
 ARCHITECTURES = ("resnet18", "resnet50", "vgg16")
+PRETRAINED_VIEW_PLACEHOLDER = "{view}"  # generator.pretrained_weights: filled in per view
 
 
 class ConfigError(ValueError):
@@ -120,8 +121,62 @@ class GeneratorConfig:
     augment: bool = True
     sample_every: int = 4
     serving_policy: str = "best_fold"
+    # Initial weights (paper 5.2.1: pre-trained, then fine-tuned): a local weights file, relative
+    # to the project root; "{view}" is replaced by the view (CC, MLO). None: from scratch. The one
+    # default that differs from params.yaml (models/pretrain/{view}.pt, the pretrain_generator
+    # stage's output): a config built in code has no pipeline whose pre-training it could load.
     pretrained_weights: str | None = None
     device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N
+
+    def for_view(self, view: str, root: str | Path | None = None) -> GeneratorConfig:
+        """This section for one view: ``pretrained_weights`` with ``{view}`` filled in and, given
+        ``root``, made absolute (a relative path is relative to the project root)."""
+        if self.pretrained_weights is None:
+            return self
+        path = Path(self.pretrained_weights.replace(PRETRAINED_VIEW_PLACEHOLDER, view))
+        if root is not None and not path.is_absolute():
+            path = Path(root) / path
+        return dataclasses.replace(self, pretrained_weights=str(path))
+
+
+@dataclass(frozen=True)
+class PretrainCohortConfig:
+    """The second simulated cohort, written in the CDD-CESM release's layout (data/cdd_cesm_cohort.py).
+
+    Another cohort, not another simulator: anatomy and contrast physics are the frozen ``synth``
+    defaults; what differs is the patients (own seed and size) and the scanner's look.
+    """
+
+    patients: int = 40
+    seed: int = 20220301
+    image_height: int = 160          # JPEG rows (the release's JPEGs: about 2000-3000); columns follow synth.aspect_ratio
+    noise_sd: float = 0.03           # quantum noise, fraction of full scale (embedded dataset: 0.015)
+    le_gamma: float = 0.7            # display gamma of the LE JPEGs (< 1 brightens the tissue)
+    des_contrast: float = 1.4        # gain of the DES JPEGs around the unenhanced breast level
+    jpeg_quality: int = 85           # the JPEG encoder's quality (1-95)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Pre-training of one CycleGAN per view on a second dataset before fine-tuning (paper 5.2.1).
+
+    Network sizes, loss weights and batch size are the generator section's (the weights must fit
+    train_generator); the epoch budget and learning rate are this section's.
+    """
+
+    release_dir: str = "data/external/cdd-cesm"   # the CDD-CESM release folder import_pretrain reads
+    cohort: PretrainCohortConfig = PretrainCohortConfig()
+    epochs: int = 6
+    warmup_epochs: int = 3
+    patience: int = 2
+    lr: float = 2e-3
+    val_share: float = 0.2           # share of the pre-training patients held out for early stopping
+
+    def generator_config(self, generator: GeneratorConfig) -> GeneratorConfig:
+        """The generator section as pre-training runs it: its sizes and losses, this section's
+        budget and rate, from scratch."""
+        return dataclasses.replace(generator, epochs=self.epochs, warmup_epochs=self.warmup_epochs,
+                                   patience=self.patience, lr=self.lr, pretrained_weights=None)
 
 
 @dataclass(frozen=True)
@@ -176,6 +231,7 @@ class Params:
     validate_data: ValidateDataConfig = ValidateDataConfig()
     split: SplitConfig = SplitConfig()
     generator: GeneratorConfig = GeneratorConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
@@ -411,6 +467,24 @@ def _check_values(p: Params) -> None:
     _at_least("generator.sample_every", g.sample_every, 0)  # 0: no sample grids
     if g.serving_policy not in ("best_fold", "refit"):
         _fail("generator.serving_policy", f"must be best_fold or refit, got {g.serving_policy!r}")
+    if g.pretrained_weights is not None:
+        _not_empty("generator.pretrained_weights", g.pretrained_weights)
+
+    pt = p.pretrain
+    _not_empty("pretrain.release_dir", pt.release_dir)
+    for name in ("epochs", "patience"):
+        _at_least(f"pretrain.{name}", getattr(pt, name), 1)
+    _at_least("pretrain.warmup_epochs", pt.warmup_epochs, 0)
+    _positive("pretrain.lr", pt.lr)
+    _within("pretrain.val_share", pt.val_share, 0.0, 1.0, open_low=True, open_high=True)
+    pc = pt.cohort
+    _at_least("pretrain.cohort.patients", pc.patients, 2)  # one to train on, one to early-stop on
+    _at_least("pretrain.cohort.seed", pc.seed, 0)
+    _within("pretrain.cohort.image_height", pc.image_height, MIN_RAW_HEIGHT, MAX_RAW_HEIGHT)
+    _at_least("pretrain.cohort.noise_sd", pc.noise_sd, 0)
+    _positive("pretrain.cohort.le_gamma", pc.le_gamma)
+    _positive("pretrain.cohort.des_contrast", pc.des_contrast)
+    _within("pretrain.cohort.jpeg_quality", pc.jpeg_quality, 1, 95)
 
     c = p.classifier
     _choices("classifier.architectures", c.architectures, ARCHITECTURES)

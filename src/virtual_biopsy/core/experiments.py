@@ -6,7 +6,11 @@ DVC, not this package, runs the experiment: the command is printed for the user 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+
+
+HYDRA_SPECIAL = re.compile(r"[{}\[\]()'\",=:\s\\]")
 
 
 def exp_run_command(overrides: dict[str, Any], name: str) -> list[str]:
@@ -15,6 +19,9 @@ def exp_run_command(overrides: dict[str, Any], name: str) -> list[str]:
     for key, value in overrides.items():
         # dvc's -S takes Hydra override values: lists as JSON, numbers and strings as they are,
         # and null/true/false spelt so (str() would give "None", which Hydra keeps as a string).
-        rendered = json.dumps(value) if value is None or isinstance(value, (list, dict, bool)) else str(value)
+        # A string with a character of Hydra's grammar ({view} of generator.pretrained_weights,
+        # brackets, quotes, commas, spaces) goes quoted, else Hydra reads it as a dict or fails.
+        quoted = isinstance(value, str) and HYDRA_SPECIAL.search(value) is not None
+        rendered = json.dumps(value) if quoted or value is None or isinstance(value, (list, dict, bool)) else str(value)
         sets += ["-S", f"{key}={rendered}"]
     return ["dvc", "exp", "run", "-n", name, *sets]

@@ -142,6 +142,29 @@ class ProjectPaths:
         """Per-fold validation MCC: the fusion weights (paper eq. 7) of the registered pipeline."""
         return self.classifier_dir(arch, modality, view) / "val_mcc.json"
 
+    # --- pre-training (paper 5.2.1) ------------------------------------------------------------
+    @property
+    def simulated_release(self) -> Path:
+        """The simulated CDD-CESM release the pretrain_cohort stage writes (pretrain.release_dir's default)."""
+        return self.root / "data" / "external" / "cdd-cesm"
+
+    @property
+    def pretrain(self) -> PretrainPaths:
+        """Where the pre-training cohort's imported, ingested and preprocessed data go."""
+        return PretrainPaths(self.root)
+
+    def pretrain_weights(self, view: str) -> Path:
+        """``models/pretrain/<VIEW>.pt``: the pre-trained CycleGAN of one view (generator file + ``networks``)."""
+        return self.models_dir / "pretrain" / f"{view}.pt"
+
+    def pretrain_checkpoint(self, view: str) -> Path:
+        """Per-epoch checkpoints of one view's pre-training (resume after a kill); not a DVC output."""
+        return self.models_dir / "pretrain" / "checkpoints" / view
+
+    def pretrain_report(self, view: str) -> Path:
+        """Pre-training summary of one view: pairs, epochs, validation L1."""
+        return self.reports / "pretrain" / f"{view}.json"
+
     # --- reports -----------------------------------------------------------------------------
     def generator_report(self, view: str) -> Path:
         """Per-fold and mean test metrics of one view's generators (Table 3)."""
@@ -179,3 +202,41 @@ class ProjectPaths:
     def mlruns(self) -> Path:
         """Embedded MLflow store: SQLite database + artifact folder."""
         return self.root / "mlruns"
+
+
+@dataclass(frozen=True)
+class PretrainPaths(ProjectPaths):
+    """The pre-training cohort's data (import_pretrain stage): the project's ingest and preprocess
+    outputs under ``data/pretrain/`` and ``reports/pretrain/ingest/``, so the same functions write
+    them (data.ingest.write_outputs, data.preprocess.write_processed take a ProjectPaths).
+    ``root`` stays the project root."""
+
+    @property
+    def base(self) -> Path:
+        return self.root / "data" / "pretrain"
+
+    @property
+    def raw(self) -> Path:
+        """The imported release in the raw layout (``vbiopsy import --format cdd-cesm`` output)."""
+        return self.base / "raw"
+
+    @property
+    def manifest(self) -> Path:
+        return self.base / "interim" / "manifest.csv"
+
+    @property
+    def interim_lesions(self) -> Path:
+        return self.base / "interim" / "lesions.csv"
+
+    @property
+    def sources(self) -> Path:
+        """PRIVATE, as ProjectPaths.sources: keys -> raw files of the pre-training cohort."""
+        return self.base / "interim" / "sources.csv"
+
+    @property
+    def rejected(self) -> Path:
+        return self.reports / "pretrain" / "ingest" / "rejected.csv"
+
+    @property
+    def processed_dir(self) -> Path:
+        return self.base / "processed"

@@ -9,6 +9,11 @@ Data
     of G(LE) against the real DES image (metrics.py, per image, averaged), next to the trivial
     baseline "the LE image itself as CESM" (paper Table 3 reads against it).
 
+Initial weights (paper 5.2.1: pre-trained, then fine-tuned)
+    ``generator.pretrained_weights`` with ``{view}`` replaced by the view, relative to the project
+    root: by default models/pretrain/<VIEW>.pt of the pretrain_generator stage; null trains from
+    scratch. Every fold (and a refit) starts from it (training.generator_trainer.load_pretrained).
+
 Outputs
     models/generator/<VIEW>/checkpoints/fold<k>/last.pt   per-epoch checkpoint (resume after a kill)
     models/generator/<VIEW>/fold<k>.pt                    best weights of fold k (impute reads these)
@@ -41,6 +46,7 @@ reports and figures.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from typing import Any
 
@@ -54,7 +60,7 @@ from virtual_biopsy.data.cohorts import CohortError, fold_subsets, require_input
 from virtual_biopsy.evaluation.figures import figure3, figure3_examples
 from virtual_biopsy.evaluation.generator_cv import serving_generator, train_generator_fold, trained_generator
 from virtual_biopsy.evaluation.scoring import summarize_generator_folds
-from virtual_biopsy.models.weights import save_generator_weights
+from virtual_biopsy.models.weights import WeightsFileError, save_generator_weights
 from virtual_biopsy.stages.common import relative, stage_inputs, stage_parser
 from virtual_biopsy.training import distributed
 from virtual_biopsy.training.datasets import open_images
@@ -104,13 +110,15 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
                             enabled=use_mlflow and main_process) as run, (
             atomic_dir(paths.generator_dir(view)) if main_process else contextlib.nullcontext()) as staged:
         outcomes = []
+        # generator.pretrained_weights of this view, from the project root (the runs log it as written)
+        tuned = dataclasses.replace(params, generator=params.generator.for_view(view, paths.root))
         for fold in sorted(int(k) for k in folds["fold"].unique()):
             subsets = fold_subsets(pairs, folds, fold)
             with run.child(f"fold-{fold}", tags={"view": view, "fold": fold}) as fold_run:
                 log_fold_inputs(fold_run, paths, params, view, fold, subsets)
-                outcomes.append(train_generator_fold(paths, params, view, fold, images, subsets, fold_run, device,
+                outcomes.append(train_generator_fold(paths, tuned, view, fold, images, subsets, fold_run, device,
                                                      staged, masks=masks))
-        state, serving = serving_generator(paths, params, view, images, pairs, folds, outcomes, device)
+        state, serving = serving_generator(paths, tuned, view, images, pairs, folds, outcomes, device)
         if not main_process:
             return summarize_generator_folds(view, outcomes, serving)
         size = int(images.shape[1])
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         paths, params = stage_inputs(args)
         report = run_train_generator(paths, params, args.view, args.device, use_mlflow=not args.no_mlflow)
         main_process = distributed.is_main_process()
-    except (ConfigError, CohortError, FileNotFoundError, pd.errors.ParserError) as exc:
+    except (ConfigError, CohortError, FileNotFoundError, WeightsFileError, pd.errors.ParserError) as exc:
         print(f"{STAGE}: {exc}", file=sys.stderr)
         return 1
     finally:

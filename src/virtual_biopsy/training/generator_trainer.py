@@ -14,6 +14,7 @@ constant rate).
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from virtual_biopsy.core.config import GeneratorConfig
+from virtual_biopsy.core.config import PRETRAINED_VIEW_PLACEHOLDER, GeneratorConfig
 from virtual_biopsy.models.cyclegan import (
     PatchDiscriminator,
     ResnetGenerator,
     init_cyclegan_weights,
+)
+from virtual_biopsy.models.weights import (
+    GeneratorSize,
+    MissingWeightsFileError,
+    WeightsFileError,
+    pretrained_cyclegan_states,
 )
 from virtual_biopsy.training import distributed
 from virtual_biopsy.training.datasets import PairedImageDataset, derive_seed
@@ -128,29 +135,40 @@ def build_cyclegan(cfg: GeneratorConfig, seed: int) -> dict[str, nn.Module]:
     return nets
 
 
-def load_pretrained(nets: dict[str, nn.Module], weights_file: str | Path) -> list[str]:
-    """Initialise from a local file for fine-tuning (paper: pre-trained on CDD-CESM).
+def load_pretrained(nets: dict[str, nn.Module], weights_file: str | Path, image_size: int | None = None) -> list[str]:
+    """Initialise from a local file for fine-tuning (paper 5.2.1: pre-trained on CDD-CESM).
 
-    The file holds either one generator state dict (loaded into the LE -> DES generator) or a
-    dict with any of ``generator_ab``, ``generator_ba``, ``discriminator_a``, ``discriminator_b``
-    (e.g. :func:`cyclegan_state` of another run). Returns the names of the networks loaded.
+    Any generator weight file the project writes loads (models.weights.pretrained_cyclegan_states):
+    ``models/pretrain/<VIEW>.pt`` (all four networks), ``fold<k>.pt`` / ``serving.pt`` (the
+    LE -> DES generator), a CycleGAN checkpoint ``last.pt`` (all four), a bare generator state
+    dict or a dict of network names (:func:`cyclegan_state`). Networks the file does not hold keep
+    their fresh initialisation. Another kind of file, networks of another size, or (with
+    ``image_size``) a file recorded at another image size raise a ValueError
+    (:class:`~virtual_biopsy.models.weights.WeightsFileError`) naming the file, what was expected
+    and what was found. Returns the names of the networks loaded.
     """
     path = Path(weights_file)
+    if PRETRAINED_VIEW_PLACEHOLDER in str(path):
+        raise WeightsFileError(f"{path}: generator.pretrained_weights still holds the {PRETRAINED_VIEW_PLACEHOLDER} "
+                               "placeholder; resolve it per view (GeneratorConfig.for_view)")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such pretrained generator weights file")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise ValueError(f"{path}: not a readable torch weights file ({exc})") from exc
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(loaded).__name__}")
-    parts = {name: loaded[name] for name in NETWORK_NAMES if name in loaded} or {"generator_ab": loaded}
+        raise MissingWeightsFileError(f"{path}: no such pretrained weights file (generator.pretrained_weights); run "
+                                      "the pretrain_generator stage, or set generator.pretrained_weights: null to "
+                                      "train from scratch")
+    generator = nets["generator_ab"]
+    size = GeneratorSize(int(generator.ngf), int(generator.n_residual_blocks))
+    parts = pretrained_cyclegan_states(path, size, int(nets["discriminator_a"].ndf), image_size)
     for name, state in parts.items():
         try:
             nets[name].load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{path}: weights for {name} do not fit this architecture ({exc})") from exc
+            raise WeightsFileError(f"{path}: weights for {name} do not fit this architecture ({exc})") from exc
     return sorted(parts)
+
+
+def pretrained_fingerprint(weights_file: str | Path) -> str:
+    """SHA-256 of a pretrained weights file: a checkpoint resumes only a run of the same initialisation."""
+    return hashlib.sha256(Path(weights_file).read_bytes()).hexdigest()
 
 
 def cyclegan_state(nets: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
@@ -187,13 +205,15 @@ def train_cyclegan(
     loss = CycleGANLoss(lambda_cycle=cfg.lambda_cycle, lambda_identity=cfg.lambda_identity,
                         lambda_paired=cfg.lambda_paired)
     nets = build_cyclegan(cfg, seed)
+    fingerprint = {"kind": "cyclegan", "config": run_config(cfg), "seed": seed, "train": len(train_ds),
+                   "val": len(val_ds)}
     if cfg.pretrained_weights:
-        load_pretrained(nets, cfg.pretrained_weights)
+        load_pretrained(nets, cfg.pretrained_weights, image_size=int(train_ds.images.shape[1]))
+        # the path alone would let a checkpoint of the old pre-training resume after a new one
+        fingerprint["pretrained_sha256"] = pretrained_fingerprint(cfg.pretrained_weights)
     for net in nets.values():
         prepare_module(net, device)
     opt_g, opt_d = _optimisers(nets, cfg)
-    fingerprint = {"kind": "cyclegan", "config": run_config(cfg), "seed": seed, "train": len(train_ds),
-                   "val": len(val_ds)}
     trainee = _CycleGANTrainee(nets, loss, opt_g, opt_d, train_ds, val_ds, cfg, seed, device, num_workers)
     outcome = fit(trainee, cfg, seed, device, checkpoint_dir, fingerprint, on_epoch_end, restart_if_stale)
     return GeneratorTrainingResult(

@@ -24,6 +24,9 @@ not know is said or left out, never invented:
   left out).
 * Patient Orientation: the writer's display convention (chest wall on the right for a right
   breast), which is also what preprocessing assumes for an image without the tag.
+* Simulated images: a JPEG whose COM segment says ``SIMULATED`` (the pre-training cohort of
+  data/cdd_cesm_cohort.py) gets ImageComments starting with ``SIMULATED`` and quoting it, which
+  is how the project marks simulated images (dicom.cesm.is_simulated).
 * UIDs come from :func:`~virtual_biopsy.dicom.write.deterministic_uid` over the release, patient,
   study and file name: importing the same release twice gives the same bytes.
 """
@@ -39,6 +42,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import set_pixel_data
 from pydicom.uid import JPEGBaseline8Bit
 
+from virtual_biopsy.dicom.cesm import SIMULATED_MARK
 from virtual_biopsy.dicom.write import (
     Equipment,
     Patient,
@@ -61,6 +65,7 @@ JPEG_METHOD = "ISO_10918_1"  # Lossy Image Compression Method of JPEG (PS3.3 C.7
 # The fewest stored bits build_mammogram_dataset takes; every 8-bit value fits.
 _WRITER_BITS_STORED = 10
 _SOF_BASELINE = 0xC0
+MAX_COMMENT_CHARS = 512  # of a JPEG's COM segment kept in ImageComments (LT holds 10240)
 
 # Type 3 attributes the writer fills in for its simulated system (beam, positioner, implant,
 # partial view, calibrated spacing) that a JPEG release does not report: removed, not guessed.
@@ -119,6 +124,7 @@ class DecodedJpeg:
     pixels: np.ndarray  # uint8 (rows, columns)
     keep_bytes: bool    # single-channel baseline: encapsulate without re-encoding
     note: str           # why the bytes were not kept, for the report ('' when kept)
+    comment: str = ""   # the JPEG's COM segment (printable ASCII), '' when it has none
 
 
 def decode_jpeg(data: bytes, where: str) -> DecodedJpeg:
@@ -135,15 +141,33 @@ def decode_jpeg(data: bytes, where: str) -> DecodedJpeg:
                 raise ValueError(f"{where}: not a JPEG file (Pillow reads it as {image.format})")
             image.load()
             mode = image.mode
+            comment = jpeg_comment(image.info.get("comment", b""))
             gray = image.convert("L") if mode != "L" else image
             pixels = np.asarray(gray, dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"{where}: unreadable JPEG ({exc})") from None
     marker = jpeg_frame_marker(data)
     if mode == "L" and marker == _SOF_BASELINE:
-        return DecodedJpeg(pixels, True, "")
+        return DecodedJpeg(pixels, True, "", comment)
     why = f"{mode} JPEG" if mode != "L" else f"non-baseline JPEG (SOF 0x{marker or 0:02X})"
-    return DecodedJpeg(pixels, False, f"{why} decoded to 8-bit grayscale, stored uncompressed")
+    return DecodedJpeg(pixels, False, f"{why} decoded to 8-bit grayscale, stored uncompressed", comment)
+
+
+def jpeg_comment(value: bytes | str) -> str:
+    """A JPEG COM segment as printable ASCII (DICOM's default repertoire), at most
+    :data:`MAX_COMMENT_CHARS` characters."""
+    text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    return "".join(c for c in text if " " <= c <= "~").strip()[:MAX_COMMENT_CHARS]
+
+
+def provenance_comment(tags: MammogramTags, comment: str) -> str:
+    """ImageComments: where the image came from, the nominal spacing, and, for a JPEG whose COM
+    segment says it is simulated, that first (dicom.cesm.is_simulated reads it)."""
+    text = (f"Imported from {tags.release} {tags.source_name}; pixel spacing "
+            f"{NOMINAL_PIXEL_SPACING_MM} mm is nominal (the JPEG carries none)")
+    if SIMULATED_MARK in comment.upper():
+        text = f"{SIMULATED_MARK} image (JPEG comment: {comment}); {text}"
+    return text
 
 
 # --- building --------------------------------------------------------------------------------
@@ -168,8 +192,7 @@ def jpeg_to_dicom(data: bytes, tags: MammogramTags, where: str) -> tuple[FileDat
         instance_number=_instance_number(tags),
         pixel_spacing_mm=NOMINAL_PIXEL_SPACING_MM,
         bits_stored=_WRITER_BITS_STORED,
-        image_comments=(f"Imported from {tags.release} {tags.source_name}; pixel spacing "
-                        f"{NOMINAL_PIXEL_SPACING_MM} mm is nominal (the JPEG carries none)"),
+        image_comments=provenance_comment(tags, decoded.comment),
         equipment=UNKNOWN_EQUIPMENT,
     )
     store_jpeg_pixels(ds, decoded, data)
