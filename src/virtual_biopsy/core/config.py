@@ -37,6 +37,7 @@ PHASES = ("early", "late")
 LABELS = ("malignant", "benign", "none")
 ACR_CATEGORIES = ("a", "b", "c", "d")
 ARCHITECTURES = ("resnet18", "resnet50", "vgg16")
+EXECUTOR_KINDS = ("local", "ray")
 PRETRAINED_VIEW_PLACEHOLDER = "{view}"  # generator.pretrained_weights: filled in per view
 
 
@@ -180,6 +181,28 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class RayExecutorConfig:
+    """Where and with what share of a machine a fold job runs on a Ray cluster."""
+
+    address: str | None = None     # None: RAY_ADDRESS, else a local cluster started by the stage
+    gpus_per_job: float = 0.0      # Ray num_gpus of one job; a fraction packs several jobs on one GPU
+    max_retries: int = 3           # re-runs of a job whose worker died (it resumes from its checkpoint)
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """How a training stage runs its fold jobs (training.executor). Execution only: the results are
+    the same whatever is chosen, so no stage depends on this section (dvc.yaml, params_hash)."""
+
+    kind: str = "local"            # local | ray
+    # Jobs at once (local). 1 (one after another, in the stage's process) differs from params.yaml's 2:
+    # a config built in code (a test, a notebook) trains where it is called.
+    workers: int = 1
+    cpus_per_job: int = 1          # torch threads of one job (and its Ray num_cpus)
+    ray: RayExecutorConfig = RayExecutorConfig()
+
+
+@dataclass(frozen=True)
 class ClassifierConfig:
     architectures: tuple[str, ...] = ("resnet18",)
     modalities: tuple[str, ...] = MODALITIES
@@ -236,6 +259,7 @@ class Params:
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
     tune: TuneConfig = TuneConfig()
+    executor: ExecutorConfig = ExecutorConfig()
 
 
 # YAML 1.2 reads 1e-3, 1E5 and 1.0e3 as floats; PyYAML (YAML 1.1) only when the mantissa has a dot
@@ -526,6 +550,14 @@ def _check_values(p: Params) -> None:
     _within("gate.imputation_tolerance", gate.imputation_tolerance, 0.0, 1.0)
     _within("gate.champion_tolerance", gate.champion_tolerance, 0.0, 1.0)
 
+    ex = p.executor
+    if ex.kind not in EXECUTOR_KINDS:
+        _fail("executor.kind", f"must be one of {', '.join(EXECUTOR_KINDS)}, got {ex.kind!r}")
+    _at_least("executor.workers", ex.workers, 1)
+    _at_least("executor.cpus_per_job", ex.cpus_per_job, 1)
+    _at_least("executor.ray.gpus_per_job", ex.ray.gpus_per_job, 0)
+    _at_least("executor.ray.max_retries", ex.ray.max_retries, 0)
+
     _at_least("tune.trials", p.tune.trials, 1)
     if p.tune.metric not in ("mcc", "auc"):
         _fail("tune.metric", f"must be mcc or auc, got {p.tune.metric!r}")
@@ -536,7 +568,9 @@ def _check_values(p: Params) -> None:
 
 def params_hash(params: Params) -> str:
     """Stable short hash of the effective parameters (tags runs so like compares with like)."""
-    blob = json.dumps(dataclasses.asdict(params), sort_keys=True, default=str)
+    # Without the executor section: where the fold jobs ran does not change what they computed.
+    blob = json.dumps({k: v for k, v in dataclasses.asdict(params).items() if k != "executor"},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -30,8 +30,9 @@ from virtual_biopsy.training.classifier_trainer import (
     predict_proba,
     train_classifier,
 )
-from virtual_biopsy.training.datasets import classifier_fold_seed, labelled_dataset
-from virtual_biopsy.training.loop import EpochState
+from virtual_biopsy.training.datasets import classifier_fold_seed, labelled_dataset, open_images
+from virtual_biopsy.training.executor import report_epoch
+from virtual_biopsy.training.loop import EpochState, resolve_device
 
 FoldEpochCallback = Callable[[int, int, dict[str, float]], None]
 """``(fold, epoch, metrics)`` after each epoch's checkpoint is saved; raising stops training
@@ -50,15 +51,19 @@ class ClassifierFold:
 
 
 def classifier_epoch_logger(run, images: np.ndarray, val: pd.DataFrame, batch_size: int, device: str, fold: int,
-                            extra: FoldEpochCallback | None):
-    """on_epoch_end: per-epoch losses, learning rate and validation AUC/MCC (lesion level), then ``extra``."""
+                            extra: FoldEpochCallback | None, epochs: int = 0):
+    """on_epoch_end: per-epoch losses, learning rate and validation AUC/MCC (lesion level), a
+    progress line (of ``epochs``), then ``extra``."""
 
     def on_epoch_end(epoch: int, epoch_metrics: dict[str, float], state: EpochState) -> None:
+        shown = dict(epoch_metrics)
         if run:  # scoring the validation set costs a forward pass: only when it is recorded
             p = predict_proba(state.models["classifier"], images, val["row"].to_numpy(), batch_size, device)
             scores = score_metrics(val, p)
+            shown.update(val_auc=scores["auc"], val_mcc=scores["mcc"])
             run.log_metrics({**{k.replace("/", "_"): v for k, v in epoch_metrics.items()},
                              "val_auc": scores["auc"], "val_mcc": scores["mcc"]}, step=epoch)
+        report_epoch(epoch, epochs, shown)
         if extra is not None:
             extra(fold, epoch, epoch_metrics)
 
@@ -84,7 +89,8 @@ def train_classifier_fold(paths: ProjectPaths, params: Params, which: Classifier
     result = train_classifier(
         model, labelled_dataset(images, real["train"], seed, cfg.augment, cfg.augment_strength),
         labelled_dataset(images, real["val"], seed, False), cfg, seed, checkpoint_dir=ckpt,
-        on_epoch_end=classifier_epoch_logger(run, images, real["val"], cfg.batch_size, device, fold, epoch_callback),
+        on_epoch_end=classifier_epoch_logger(run, images, real["val"], cfg.batch_size, device, fold, epoch_callback,
+                                             cfg.epochs),
         device=device, restart_if_stale=True,
     )
     weights = paths.classifier_weights(which.arch, which.modality, which.view, fold)
@@ -102,3 +108,16 @@ def train_classifier_fold(paths: ProjectPaths, params: Params, which: Classifier
                      **{f"{subset}_{k}": v for subset, s in scores.items() for k, v in s.items()}})
     run.log_artifact(weights, "weights")
     return ClassifierFold(fold, result, predictions, scores["val"], scores["test"])
+
+
+def classifier_fold_job(paths: ProjectPaths, params: Params, which: Classifier, fold: int,
+                        real: dict[str, pd.DataFrame], synthetic: dict[str, pd.DataFrame], run, device: str,
+                        out_dir: Path | None = None, epoch_callback: FoldEpochCallback | None = None
+                        ) -> ClassifierFold:
+    """:func:`train_classifier_fold` as a fold job (training.executor) that may run in another process:
+    it opens the processed (and, for CESM, imputed) images memory-mapped from their files, resolves
+    ``device`` where it runs, and logs to ``run``, a handed-over run (``attach()`` gives the handle)."""
+    images = open_images(paths.processed_images)
+    imputed = open_images(paths.imputed_images) if which.modality == "CESM" else None
+    return train_classifier_fold(paths, params, which, fold, images, real, synthetic, imputed, run.attach(),
+                                 str(resolve_device(device)), epoch_callback, out_dir)

@@ -1,5 +1,9 @@
 """Run handles: StageRun logs to one MLflow run (no global active run), NullRun logs nothing;
-``open_run`` creates a run and ends it FINISHED, FAILED or KILLED (run_lifecycle)."""
+``open_run`` creates a run and ends it FINISHED, FAILED or KILLED (run_lifecycle).
+
+Fold jobs in other processes (training.executor) log to a child run the driver started
+(``OpenChildren.start``): the driver hands it over (``handover``, picklable), the job
+``attach``-es to it and logs, and the driver ends it with the job's outcome."""
 from __future__ import annotations
 
 import contextlib
@@ -149,10 +153,101 @@ class StageRun:
     @contextlib.contextmanager
     def child(self, name: str, tags: Mapping[str, Any] | None = None) -> Iterator["StageRun"]:
         """A nested run under this one (per view, architecture, fold, setting ...)."""
-        inherited = {k: v for k, v in self.client.get_run(self.run_id).data.tags.items() if k == "stage"}
         with open_run(self.client, self.experiment_id, self.root, self.context, name, self.run_id,
-                  {**inherited, **clean_tags(tags)}) as run:
+                  self.child_tags(tags)) as run:
             yield run
+
+    def child_tags(self, tags: Mapping[str, Any] | None) -> dict[str, str]:
+        """A child's own tags plus the ``stage`` tag it inherits from this run."""
+        inherited = {k: v for k, v in self.client.get_run(self.run_id).data.tags.items() if k == "stage"}
+        return {**inherited, **clean_tags(tags)}
+
+    def start_child(self, name: str, tags: Mapping[str, Any] | None = None) -> "StageRun":
+        """A nested run, created now and left RUNNING: the caller ends it (:meth:`end`), e.g. when
+        the fold job it was handed to finishes. :meth:`open_children` ends the ones left open."""
+        all_tags = {**self.context, **self.child_tags(tags), "mlflow.runName": name, "mlflow.parentRunId": self.run_id}
+        owner = process_identity()
+        if owner:  # a run of a driver that dies is marked KILLED by the next stage (reap_orphans)
+            all_tags[PROCESS_TAG] = owner
+        run_id = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
+        return StageRun(self.client, run_id, self.experiment_id, self.root, self.context)
+
+    def end(self, status: str = "FINISHED", killed_by: str | None = None) -> None:
+        """End this run FINISHED, FAILED or KILLED."""
+        terminate(self.client, self.run_id, status, killed_by)
+
+    @contextlib.contextmanager
+    def open_children(self) -> Iterator["OpenChildren"]:
+        """Child runs started now and ended one by one (:class:`OpenChildren`)."""
+        with OpenChildren.around(self) as children:
+            yield children
+
+    # -- handing the run to another process ---------------------------------------------------
+    def handover(self) -> "RunHandover":
+        """What a job in another process (a pool worker, a Ray task) needs to log to this run:
+        picklable, without the client. The job logs; whoever opened the run ends it."""
+        return RunHandover(self.client.tracking_uri, self.run_id, self.experiment_id, str(self.root),
+                           dict(self.context))
+
+
+@dataclass(frozen=True)
+class RunHandover:
+    """A run opened elsewhere, as it travels to a fold job: :meth:`attach` gives a StageRun on it
+    that neither creates nor ends a run (no duplicate, no orphan)."""
+
+    tracking_uri: str
+    run_id: str
+    experiment_id: str
+    root: str
+    context: dict[str, str]
+
+    def attach(self) -> StageRun:
+        mlflow = mlflow_module()
+        client = mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        return StageRun(client, self.run_id, self.experiment_id, Path(self.root), dict(self.context))
+
+
+class OpenChildren:
+    """Child runs of one parent that end when their jobs do, not when a ``with`` block does.
+
+    ``start(name, tags)`` creates one RUNNING; ``end(run, error)`` ends it FINISHED, or FAILED /
+    KILLED after ``error``. Leaving the block ends those still open with the block's outcome
+    (FAILED on an exception, KILLED on a signal, else FINISHED), so none is left RUNNING.
+    """
+
+    def __init__(self, parent: "StageRun | NullRun") -> None:
+        self.parent = parent
+        self.running: dict[int, StageRun] = {}
+
+    @classmethod
+    @contextlib.contextmanager
+    def around(cls, parent: "StageRun | NullRun") -> Iterator["OpenChildren"]:
+        children = cls(parent)
+        status, killed_by = "FINISHED", None
+        try:
+            yield children
+        except BaseException as exc:
+            status, killed_by = run_ending(exc)
+            raise
+        finally:
+            with deferred_signals():
+                for run in list(children.running.values()):
+                    best_effort(f"marking run {run.run_id} {status}", run.end, status, killed_by)
+                children.running.clear()
+
+    def start(self, name: str, tags: Mapping[str, Any] | None = None) -> "StageRun | NullRun":
+        with deferred_signals():  # a signal now is raised once the run is known and will be ended
+            run = self.parent.start_child(name, tags)
+            if run:
+                self.running[id(run)] = run
+        return run
+
+    def end(self, run: "StageRun | NullRun", error: BaseException | None = None) -> None:
+        if not run or id(run) not in self.running:
+            return
+        status, killed_by = ("FINISHED", None) if error is None else run_ending(error)
+        with deferred_signals():
+            self.running.pop(id(run)).end(status, killed_by)
 
 
 class NullRun:
@@ -200,6 +295,24 @@ class NullRun:
     @contextlib.contextmanager
     def child(self, name: str, tags: Mapping[str, Any] | None = None) -> Iterator["NullRun"]:
         yield self
+
+    def start_child(self, name: str, tags: Mapping[str, Any] | None = None) -> "NullRun":
+        return self
+
+    def end(self, status: str = "FINISHED", killed_by: str | None = None) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def open_children(self) -> Iterator[OpenChildren]:
+        with OpenChildren.around(self) as children:
+            yield children
+
+    def handover(self) -> "NullRun":
+        return self
+
+    def attach(self) -> "NullRun":
+        """A NullRun travels to a job as itself (see :meth:`StageRun.handover`)."""
+        return self
 
 
 @contextlib.contextmanager

@@ -73,6 +73,8 @@ from virtual_biopsy.mlops.runs import (
     DATASET_COLUMNS,
     DATASET_CONTEXT_TAG,
     NullRun,
+    OpenChildren,
+    RunHandover,
     StageRun,
     clean_tags,
     dataset_table,
@@ -93,7 +95,7 @@ from virtual_biopsy.mlops.store import (
 __all__ = [
     "DATASET_COLUMNS", "DATASET_CONTEXT_TAG", "DUPLICATE_TAG", "EXPERIMENT_ENV", "EXPERIMENT_KIND_TAG",
     "EXPERIMENT_NAME", "KILLED_BY_TAG", "MODEL_TRAINING", "PARENT_KIND_TAG", "PARENT_RUN_ENV", "PIPELINE_KEY_TAG",
-    "PROCESS_TAG", "STAGE_SECTIONS", "Interrupted", "NullRun", "StageRun", "data_version", "dataset_table",
+    "PROCESS_TAG", "STAGE_SECTIONS", "Interrupted", "NullRun", "OpenChildren", "RunHandover", "StageRun", "data_version", "dataset_table",
     "deferred_signals", "embedded_store", "experiment_id", "finish_pipeline_run", "get_client", "git_commit",
     "log_to_parent", "loggable_params", "pipeline_output_pathspecs", "pipeline_parent_run", "pipeline_status",
     "run_context", "section_params", "signals_as_exceptions", "stage_run", "start_pipeline_run", "table_counts",

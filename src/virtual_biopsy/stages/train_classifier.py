@@ -30,6 +30,11 @@ them, and leave with the replaced folder.
 
 MLflow: a stage run tagged arch/modality/view and one child run per fold (params, per-epoch
 losses and validation AUC/MCC, best epoch, final val/test metrics, the weights file).
+
+Fold jobs (``executor`` in params, training.executor): this process opens each fold's run, hands
+it to the fold's job (here, in a local process or as a Ray task), and ends it with the job's
+outcome; the outputs are the same whichever executor ran the jobs. Under torchrun the folds run
+in this process, one after another.
 """
 from __future__ import annotations
 
@@ -55,13 +60,12 @@ from virtual_biopsy.data.cohorts import (
     split_images,
     synthetic_images,
 )
-from virtual_biopsy.evaluation.classifier_cv import FoldEpochCallback, train_classifier_fold
+from virtual_biopsy.evaluation.classifier_cv import FoldEpochCallback, classifier_fold_job
 from virtual_biopsy.evaluation.predictions import predictions_path
 from virtual_biopsy.evaluation.scoring import summarize_classifier_folds
 from virtual_biopsy.models.classifiers import WeightsFileError
 from virtual_biopsy.stages.common import relative, stage_inputs, stage_parser
-from virtual_biopsy.training import distributed
-from virtual_biopsy.training.datasets import open_images
+from virtual_biopsy.training import distributed, executor
 
 STAGE = "train_classifier"
 
@@ -93,29 +97,37 @@ def run_train_classifier(paths: ProjectPaths, params: Params, arch: str, modalit
     from virtual_biopsy.mlops import tracking
 
     which = Classifier(arch, modality, view)
+    requested = device
     # Under torchrun: join the process group first; only rank 0 logs to MLflow and writes files.
     device, main_process = distributed.setup_device(device)
     index, folds = read_processed_index(paths), read_folds(paths)
-    images = open_images(paths.processed_images)
     real = biopsy_images(index, modality, view)
     if real.empty:
         raise CohortError(f"{paths.processed_index}: no early-phase biopsied {modality} {view} images")
-    synthetic, imputed = real.iloc[:0], None
+    synthetic = real.iloc[:0]
     if modality == "CESM":
-        synthetic, imputed = synthetic_images(read_imputed_index(paths), index, view), open_images(paths.imputed_images)
-    with tracking.stage_run(STAGE, root=paths.root, params=params, tags=which.tags, run_name=f"{STAGE} {which.label}",
-                            enabled=use_mlflow and main_process) as run, (
+        synthetic = synthetic_images(read_imputed_index(paths), index, view)
+    # torchrun ranks train each fold together, and a callback into this process cannot travel:
+    # then the folds run here, one after another.
+    in_process = distributed.is_distributed() or epoch_callback is not None
+    config = executor.effective_config(params.executor, in_process=in_process)
+    with tracking.stage_run(STAGE, root=paths.root, params=params, tags={**which.tags, "executor": config.kind},
+                            run_name=f"{STAGE} {which.label}", enabled=use_mlflow and main_process) as run, (
             atomic_dir(paths.classifier_dir(arch, modality, view)) if main_process
-            else contextlib.nullcontext()) as staged:
-        outcomes = []
+            else contextlib.nullcontext()) as staged, run.open_children() as children:
+        jobs, fold_runs = [], []
         for fold in sorted(int(k) for k in folds["fold"].unique()):
             patients = patient_subsets(folds, fold)
             real_parts = split_images(real, patients, fold, require=SUBSETS)
             synthetic_parts = split_images(synthetic, patients, fold, require=())
-            with run.child(f"{which.label} fold {fold}", tags={**which.tags, "fold": fold}) as fold_run:
-                log_fold_inputs(fold_run, paths, params, which, fold, real_parts, synthetic_parts)
-                outcomes.append(train_classifier_fold(paths, params, which, fold, images, real_parts, synthetic_parts,
-                                                      imputed, fold_run, device, epoch_callback, staged))
+            fold_run = children.start(f"{which.label} fold {fold}", tags={**which.tags, "fold": fold})
+            log_fold_inputs(fold_run, paths, params, which, fold, real_parts, synthetic_parts)
+            fold_runs.append(fold_run)
+            jobs.append(executor.Job(f"{STAGE} {which.label} fold {fold}", classifier_fold_job, kwargs=dict(
+                paths=paths, params=params, which=which, fold=fold, real=real_parts, synthetic=synthetic_parts,
+                run=fold_run.handover(), device=device if in_process else requested, out_dir=staged,
+                epoch_callback=epoch_callback)))
+        outcomes = executor.run_jobs(jobs, config, on_done=lambda i, error: children.end(fold_runs[i], error))
         summary = {**which.tags, **summarize_classifier_folds(outcomes)}
         if not main_process:
             return summary
