@@ -184,3 +184,19 @@ def test_executor_section_is_checked_naming_the_key(processed_project, copy_proj
     paths = copy_project(processed_project, tmp_path / "bad", {"executor": {"kind": "slurm"}})
     with pytest.raises(ConfigError, match=r"executor\.kind.*local, ray.*'slurm'"):
         load_params(paths.root / "params.yaml")
+
+
+def test_generator_stage_on_ray_writes_the_bytes_of_the_in_process_run(generator_project, copy_project, tmp_path,
+                                                                        ray_cluster):
+    from virtual_biopsy.stages import train_generator
+
+    paths = copy_project(generator_project, tmp_path / "generator-ray", {"executor": EXECUTORS["ray"]})
+    train_generator.run_train_generator(paths, load_params(paths.root / "params.yaml"), "CC", device="cpu")
+    in_process = ProjectPaths(generator_project)
+
+    def digests(p: ProjectPaths) -> dict[str, str]:
+        files = [*sorted(p.generator_dir("CC").glob("*.pt")), p.generator_report("CC")]
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+    assert set(digests(paths)) == {"fold0.pt", "fold1.pt", "serving.pt", "CC.json"}
+    assert digests(paths) == digests(in_process)

@@ -27,14 +27,15 @@ from virtual_biopsy.evaluation.figures import sample_grid, write_png
 from virtual_biopsy.evaluation.scoring import METRIC_NAMES, evaluate_generator
 from virtual_biopsy.models.weights import save_generator_weights
 from virtual_biopsy.training import distributed
-from virtual_biopsy.training.datasets import derive_seed, generator_fold_seed, paired_dataset
+from virtual_biopsy.training.datasets import derive_seed, generator_fold_seed, open_images, paired_dataset
+from virtual_biopsy.training.executor import report_epoch
 from virtual_biopsy.training.generator_trainer import (
     GeneratorTrainingResult,
     build_generator,
     generate,
     train_cyclegan,
 )
-from virtual_biopsy.training.loop import EpochState
+from virtual_biopsy.training.loop import EpochState, resolve_device
 
 SAMPLE_ROWS = 4  # pairs shown in each per-epoch sample grid
 
@@ -52,13 +53,15 @@ class GeneratorFold:
 
 
 def generator_epoch_logger(run, images: np.ndarray, val_pairs: pd.DataFrame, cfg: GeneratorConfig, device: str):
-    """on_epoch_end callback: per-epoch losses, and a sample grid every ``cfg.sample_every`` epochs."""
+    """on_epoch_end callback: per-epoch losses, a progress line, and a sample grid every
+    ``cfg.sample_every`` epochs."""
     shown = val_pairs.head(SAMPLE_ROWS)
     le = np.asarray(images[shown["le_row"].to_numpy()], dtype=np.float32)
     des = np.asarray(images[shown["des_row"].to_numpy()], dtype=np.float32)
 
     def on_epoch_end(epoch: int, epoch_metrics: dict[str, float], state: EpochState) -> None:
         run.log_metrics({k.replace("/", "_"): v for k, v in epoch_metrics.items()}, step=epoch)
+        report_epoch(epoch, cfg.epochs, epoch_metrics)
         # A sample grid costs a forward pass and a PNG: only when the run is recorded.
         if run and cfg.sample_every > 0 and ((epoch + 1) % cfg.sample_every == 0 or epoch == 0):
             synthetic = generate(state.models["generator_ab"], le, batch_size=cfg.batch_size, device=device)
@@ -103,6 +106,17 @@ def train_generator_fold(paths: ProjectPaths, params: Params, view: str, fold: i
     run.log_artifact(weights, "weights")
     run.log_artifact(ckpt / "last.pt", "checkpoint")
     return GeneratorFold(fold, result, test, val_quality["ssim"], subsets["test"], synthetic)
+
+
+def generator_fold_job(paths: ProjectPaths, params: Params, view: str, fold: int, subsets: dict[str, pd.DataFrame],
+                       run, device: str, out_dir: Path | None = None) -> GeneratorFold:
+    """:func:`train_generator_fold` as a fold job (training.executor) that may run in another process:
+    it opens the processed images and lesion masks memory-mapped from their files, resolves
+    ``device`` where it runs, and logs to ``run``, a handed-over run (``attach()`` gives the handle)."""
+    images = open_images(paths.processed_images)
+    masks = np.load(paths.processed_lesion_masks, mmap_mode="r")
+    return train_generator_fold(paths, params, view, fold, images, subsets, run.attach(), str(resolve_device(device)),
+                                out_dir, masks=masks)
 
 
 def trained_generator(cfg: GeneratorConfig, state: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -38,6 +38,11 @@ MLflow: a stage run tagged with the view, one child run per fold (params, per-ep
 grids every ``sample_every`` epochs, test metrics, weights and checkpoint), and a ``serving`` child
 run that holds the registered model.
 
+Fold jobs (``executor`` in params, training.executor): this process opens each fold's run, hands
+it to the fold's job (here, in a local process or as a Ray task), and ends it with the job's
+outcome; the outputs are the same whichever executor ran the jobs. The serving model (a refit)
+trains here, after the folds.
+
 Device and processes: ``--device`` (default ``generator.device``; ``auto`` is CUDA when present).
 Under ``torchrun --nproc_per_node=N`` every rank trains its share of each global batch
 (``training.distributed``); only rank 0 logs to MLflow, registers the model and writes weights,
@@ -58,11 +63,11 @@ from virtual_biopsy.core.config import VIEWS, ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.cohorts import CohortError, fold_subsets, require_inputs, view_pairs
 from virtual_biopsy.evaluation.figures import figure3, figure3_examples
-from virtual_biopsy.evaluation.generator_cv import serving_generator, train_generator_fold, trained_generator
+from virtual_biopsy.evaluation.generator_cv import generator_fold_job, serving_generator, trained_generator
 from virtual_biopsy.evaluation.scoring import summarize_generator_folds
 from virtual_biopsy.models.weights import WeightsFileError, save_generator_weights
 from virtual_biopsy.stages.common import relative, stage_inputs, stage_parser
-from virtual_biopsy.training import distributed
+from virtual_biopsy.training import distributed, executor
 from virtual_biopsy.training.datasets import open_images
 
 STAGE = "train_generator"
@@ -100,24 +105,32 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
 
     if view not in VIEWS:
         raise CohortError(f"unknown view {view!r}; choose from {VIEWS}")
+    requested = params.generator.device if device is None else device
     # Under torchrun: join the process group now (rank 0 alone opens the MLflow run); rank r uses GPU r.
-    device, main_process = distributed.setup_device(params.generator.device if device is None else device)
+    device, main_process = distributed.setup_device(requested)
     images, masks, index, folds = read_inputs(paths)
     pairs = view_pairs(index, view)
     if pairs.empty:
         raise CohortError(f"{paths.processed_index}: no LE/DES pairs of view {view}")
-    with tracking.stage_run(STAGE, root=paths.root, params=params, tags={"view": view}, run_name=f"{STAGE}-{view}",
-                            enabled=use_mlflow and main_process) as run, (
-            atomic_dir(paths.generator_dir(view)) if main_process else contextlib.nullcontext()) as staged:
-        outcomes = []
+    # torchrun ranks train each fold together: then the folds run here, one after another.
+    in_process = distributed.is_distributed()
+    config = executor.effective_config(params.executor, in_process=in_process)
+    with tracking.stage_run(STAGE, root=paths.root, params=params, tags={"view": view, "executor": config.kind},
+                            run_name=f"{STAGE}-{view}", enabled=use_mlflow and main_process) as run, (
+            atomic_dir(paths.generator_dir(view)) if main_process else contextlib.nullcontext()) as staged, \
+            run.open_children() as children:
         # generator.pretrained_weights of this view, from the project root (the runs log it as written)
         tuned = dataclasses.replace(params, generator=params.generator.for_view(view, paths.root))
+        jobs, fold_runs = [], []
         for fold in sorted(int(k) for k in folds["fold"].unique()):
             subsets = fold_subsets(pairs, folds, fold)
-            with run.child(f"fold-{fold}", tags={"view": view, "fold": fold}) as fold_run:
-                log_fold_inputs(fold_run, paths, params, view, fold, subsets)
-                outcomes.append(train_generator_fold(paths, tuned, view, fold, images, subsets, fold_run, device,
-                                                     staged, masks=masks))
+            fold_run = children.start(f"fold-{fold}", tags={"view": view, "fold": fold})
+            log_fold_inputs(fold_run, paths, params, view, fold, subsets)
+            fold_runs.append(fold_run)
+            jobs.append(executor.Job(f"{STAGE} {view} fold {fold}", generator_fold_job, kwargs=dict(
+                paths=paths, params=tuned, view=view, fold=fold, subsets=subsets, run=fold_run.handover(),
+                device=device if in_process else requested, out_dir=staged)))
+        outcomes = executor.run_jobs(jobs, config, on_done=lambda i, error: children.end(fold_runs[i], error))
         state, serving = serving_generator(paths, tuned, view, images, pairs, folds, outcomes, device)
         if not main_process:
             return summarize_generator_folds(view, outcomes, serving)
