@@ -183,6 +183,11 @@ class ProjectPaths:
         return self.reports / "ceilings"
 
     @property
+    def saliency_dir(self) -> Path:
+        """Grad-CAM against the lesion masks (saliency_eval stage): pointing_game.csv, summary.json, examples.png."""
+        return self.reports / "saliency"
+
+    @property
     def metrics_file(self) -> Path:
         """Headline metrics per architecture and setting (``dvc metrics``)."""
         return self.reports / "metrics.json"
