@@ -17,7 +17,7 @@ COMPOSE = REPO / "docker" / "compose.yaml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 ENV_EXAMPLE = REPO / "docker" / ".env.example"
 DOCS = [REPO / "docs" / "team-stack.md", REPO / "README.md"]
-SERVICES = ("postgres", "minio", "minio-init", "mlflow", "trainer")
+SERVICES = ("postgres", "minio", "minio-init", "mlflow", "trainer", "ray-head", "ray-worker", "trainer-ray")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_docker_env_names_in_docs_exist():
 def test_secrets_are_required_not_defaulted(compose):
     text = COMPOSE.read_text()
     for name in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_S3_SECRET_KEY",
-                 "DVC_S3_SECRET_KEY", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_TRAINER_PASSWORD"):
+                 "DVC_S3_SECRET_KEY", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_TRAINER_PASSWORD", "RAY_AUTH_TOKEN"):
         uses = re.findall(r"\$\{" + name + r"(:[?-][^}]*)?\}", text)
         assert uses, f"{name} unused"
         assert all(u.startswith(":?") for u in uses), f"{name} must be required (${{{name}:?...}}), not defaulted"
@@ -94,6 +94,29 @@ def test_trainer_runs_the_pipeline(compose):
     trainer = compose["services"]["trainer"]
     assert trainer["command"] == ["bash", "scripts/retrain.sh"]
     assert '"$DVC" repro' in (REPO / "scripts" / "retrain.sh").read_text()
+
+
+def test_ray_head_and_workers_run_the_pipeline_image_on_the_trainers_checkout(compose):
+    services = compose["services"]
+    trainer = services["trainer"]
+    head, worker, driver = services["ray-head"], services["ray-worker"], services["trainer-ray"]
+    for name, service in (("ray-head", head), ("ray-worker", worker), ("trainer-ray", driver)):
+        assert service["image"] == trainer["image"] and service["build"] == trainer["build"], name
+        assert service["volumes"] == trainer["volumes"] and service["working_dir"] == trainer["working_dir"], name
+        assert service["user"] == trainer["user"], name
+        # the jobs log to the trainer's MLflow server, and every node presents the cluster's token
+        env = service["environment"]
+        assert {k: env[k] for k in trainer["environment"]} == trainer["environment"], name
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name
+        assert service["profiles"] == ["ray"], name
+    assert head["command"][:3] == ["ray", "start", "--head"] and "--port=6379" in head["command"]
+    assert "--block" in head["command"] and "--block" in worker["command"]
+    assert worker["command"][:2] == ["ray", "start"] and "--address=ray-head:6379" in worker["command"]
+    assert worker["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    # The driver joins the cluster without CPUs (it runs no job), then runs the pipeline like the trainer.
+    script = driver["command"][-1]
+    assert "ray start --address=ray-head:6379 --num-cpus=0" in script and script.endswith("bash scripts/retrain.sh")
+    assert driver["environment"]["RAY_ADDRESS"] == "auto"
 
 
 def test_every_long_running_service_has_a_healthcheck(compose):
