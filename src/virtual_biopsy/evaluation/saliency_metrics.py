@@ -158,7 +158,8 @@ def saliency_images(observer_images: pd.DataFrame, synthetic: pd.DataFrame, inde
                          breast_row=synth["image_id"].map(le_row).to_numpy(),
                          fold=synth["patient_id"].astype(str).map(folds_of_patient).to_numpy())
     synth = synth.dropna(subset=["fold"])
-    frame = pd.concat([real[list(IMAGE_COLUMNS)], synth[list(IMAGE_COLUMNS)]], ignore_index=True)
+    parts = [real[list(IMAGE_COLUMNS)]] + ([synth[list(IMAGE_COLUMNS)]] if len(synth) else [])
+    frame = pd.concat(parts, ignore_index=True)
     return frame.astype({"fold": int, "row": int, "mask_row": int, "breast_row": int})
 
 
