@@ -46,6 +46,9 @@ EXECUTION_KEYS = frozenset({
     "preprocess.workers",   # processes preprocessing images; the arrays are the same
     "generator.device",     # auto | cpu | cuda | cuda:N
     "classifier.device",
+    # where the fold jobs run (training.executor); the weights are the same bytes
+    "executor.kind", "executor.workers", "executor.cpus_per_job",
+    "executor.ray.address", "executor.ray.gpus_per_job", "executor.ray.max_retries",
 })
 
 
