@@ -243,12 +243,13 @@ class ParamsReads:
         self.keys: set[str] = set()
         self._tracked: dict[int, tuple[object, str]] = {}  # id -> (instance, "section." prefix)
 
-    def track(self, params) -> None:
-        self._tracked[id(params)] = (params, "")
+    def track(self, params, prefix: str = "") -> None:
+        """Track ``params`` and every section in it, nested ones too (pretrain.cohort.patients)."""
+        self._tracked[id(params)] = (params, prefix)
         for f in dataclasses.fields(params):
             value = object.__getattribute__(params, f.name)
             if dataclasses.is_dataclass(value):
-                self._tracked[id(value)] = (value, f"{f.name}.")
+                self.track(value, f"{prefix}{f.name}.")
 
     @staticmethod
     def _not_a_dependency() -> bool:
@@ -265,8 +266,15 @@ class ParamsReads:
     def install(self, monkeypatch) -> None:
         from virtual_biopsy.core import config
 
-        sections = {type(getattr(config.Params(), f.name)) for f in dataclasses.fields(config.Params)}
-        sections = {c for c in sections if dataclasses.is_dataclass(c)}
+        def nested(instance) -> set[type]:
+            found = set()
+            for f in dataclasses.fields(instance):
+                value = getattr(instance, f.name)
+                if dataclasses.is_dataclass(value):
+                    found |= {type(value), *nested(value)}
+            return found
+
+        sections = nested(config.Params())
         fields = {cls: {f.name for f in dataclasses.fields(cls)} for cls in (config.Params, *sections)}
         reads = self
 
@@ -290,8 +298,10 @@ class ParamsReads:
 
 
 TINY_GENERATOR = {"ngf": 4, "ndf": 4, "n_residual_blocks": 1}
-DYNAMIC = ("ingest", "preprocess", "validate_data", "split", "observer_ceiling", "impute", "evaluate", "gate")
-STATIC = ("train_generator", "train_classifier")  # too slow to run here, even tiny: checked on the source
+DYNAMIC = ("ingest", "preprocess", "validate_data", "split", "observer_ceiling", "impute", "evaluate", "gate",
+           "pretrain_cohort", "import_pretrain")
+STATIC = ("train_generator", "train_classifier",  # too slow to run here, even tiny: checked on the source
+          "pretrain_generator")
 
 
 def _copy_with_models(source: Path, dest: Path) -> Path:
@@ -336,7 +346,18 @@ def _write_generator_reports(root: Path) -> None:
 @pytest.fixture(scope="module")
 def params_reads(processed_project, _fused_template, copy_project, tmp_path_factory) -> dict[str, set[str]]:
     """Stage definition -> the params keys it read, each fast stage run once for real (module docstring)."""
-    from virtual_biopsy.stages import evaluate, gate, impute, ingest, observer_ceiling, preprocess, split, validate_data
+    from virtual_biopsy.stages import (
+        evaluate,
+        gate,
+        import_pretrain,
+        impute,
+        ingest,
+        observer_ceiling,
+        preprocess,
+        pretrain_cohort,
+        split,
+        validate_data,
+    )
 
     base = tmp_path_factory.mktemp("params-reads")
     data_root = copy_project(processed_project, base / "data",
@@ -348,6 +369,8 @@ def params_reads(processed_project, _fused_template, copy_project, tmp_path_fact
         ("validate_data", validate_data, data_root, ["--no-mlflow"]),
         ("split", split, data_root, ["--no-mlflow"]),
         ("observer_ceiling", observer_ceiling, data_root, ["--no-mlflow"]),
+        ("pretrain_cohort", pretrain_cohort, data_root, []),
+        ("import_pretrain", import_pretrain, data_root, ["--no-mlflow"]),
         ("impute", impute, data_root, ["--no-mlflow"]),
         ("gate", gate, fused_root, []),  # the gate always logs: MLflow in the copy's embedded store
         ("evaluate", evaluate, fused_root, ["--no-mlflow"]),  # after the gate: it rewrites metrics.json

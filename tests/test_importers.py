@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import math
 from pathlib import Path
 
 import numpy as np
-import openpyxl
 import pandas as pd
 import pydicom
 import pytest
@@ -20,6 +18,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from virtual_biopsy.data.importers import ImporterError, import_release, register
 from virtual_biopsy.core.config import IngestConfig
+from virtual_biopsy.data.cdd_cesm_cohort import SHEET_COLUMNS, write_segmentations
+from virtual_biopsy.data.cdd_cesm_cohort import write_annotation_sheet as write_sheet
 from virtual_biopsy.data.importers import via
 from virtual_biopsy.data.importers.cdd_cesm import (
     ANNOTATION_FILE_NAMES,
@@ -47,11 +47,8 @@ from virtual_biopsy.dicom.write import (
     write_dataset,
 )
 
-# Released CDD-CESM sheet 'all' columns, in the released order.
-CDD_COLUMNS = [
-    "Image_name", "Patient_ID", "Side", "Type", "Age", "Breast density (ACR)", "BIRADS", "Findings",
-    "View", "Tags", "Machine", "Pathology Classification/ Follow up",
-]
+# Released CDD-CESM sheet 'all' columns, in the released order (data/cdd_cesm_cohort.py writes releases).
+CDD_COLUMNS = list(SHEET_COLUMNS)
 
 
 def run_cli(argv: list[str]) -> int:
@@ -79,27 +76,6 @@ def sheet_row(name, patient, side, typ, age, acr, view, pathology):
     return [name, patient, side, typ, age, acr, 4, "mass", view, "", "GE", pathology]
 
 
-# Released CDD-CESM segmentation CSV columns (a VGG Image Annotator export), in the released order.
-VIA_COLUMNS = ["#filename", "file_size", "file_attributes", "region_count", "region_id",
-               "region_shape_attributes", "region_attributes"]
-
-
-def write_segmentations(path: Path, regions: list[tuple[str, dict | str]]) -> None:
-    """A VIA CSV export: one row per (file name, region shape), the shape as JSON (a str as it is)."""
-    per_file: dict[str, int] = {}
-    for name, _ in regions:
-        per_file[name] = per_file.get(name, 0) + 1
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(VIA_COLUMNS)
-        seen: dict[str, int] = {}
-        for name, shape in regions:
-            region_id = seen.setdefault(name, 0)
-            seen[name] += 1
-            text = shape if isinstance(shape, str) else json.dumps(shape, separators=(",", ":"))
-            writer.writerow([name, 12345, "{}", per_file[name], region_id, text, '{"lesion":"mass"}'])
-
-
 # The fixture's outlines (images are 24 rows x 32 columns): CSV rows 2.. in this order.
 ELLIPSE = {"name": "ellipse", "cx": 8, "cy": 12, "rx": 5, "ry": 3}
 SQUARE = {"name": "polygon", "all_points_x": [20, 28, 28, 20], "all_points_y": [4, 4, 10, 10]}
@@ -113,16 +89,6 @@ FIXTURE_OUTLINES = [
     ("P9_L_CM_CC.jpg", {"name": "circle", "cx": 5, "cy": 5, "r": 3}),  # row 7: not in the release
     ("P5_L_DM_CC.jpg", SQUARE),               # row 8: its image is unreadable, not imported
 ]
-
-
-def write_sheet(path: Path, rows: list[list], columns=CDD_COLUMNS, sheet="all") -> None:
-    book = openpyxl.Workbook()
-    book.active.title = sheet
-    book.active.append(columns)
-    for row in rows:
-        book.active.append(row)
-    book.create_sheet("mass_description").append(["Image_name", "Mass shape"])
-    book.save(path)
 
 
 @pytest.fixture

@@ -162,22 +162,17 @@ class PretrainConfig:
     """Pre-training of one CycleGAN per view on a second dataset before fine-tuning (paper 5.2.1).
 
     Network sizes, loss weights and batch size are the generator section's (the weights must fit
-    train_generator); the epoch budget and learning rate are this section's.
+    train_generator); the epoch budget and learning rate are this section's
+    (training.pretraining.pretraining_config).
     """
 
     release_dir: str = "data/external/cdd-cesm"   # the CDD-CESM release folder import_pretrain reads
     cohort: PretrainCohortConfig = PretrainCohortConfig()
-    epochs: int = 6
-    warmup_epochs: int = 3
-    patience: int = 2
+    epochs: int = 10
+    warmup_epochs: int = 4
+    patience: int = 3
     lr: float = 2e-3
     val_share: float = 0.2           # share of the pre-training patients held out for early stopping
-
-    def generator_config(self, generator: GeneratorConfig) -> GeneratorConfig:
-        """The generator section as pre-training runs it: its sizes and losses, this section's
-        budget and rate, from scratch."""
-        return dataclasses.replace(generator, epochs=self.epochs, warmup_epochs=self.warmup_epochs,
-                                   patience=self.patience, lr=self.lr, pretrained_weights=None)
 
 
 @dataclass(frozen=True)

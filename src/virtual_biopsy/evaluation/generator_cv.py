@@ -79,7 +79,7 @@ def train_generator_fold(paths: ProjectPaths, params: Params, view: str, fold: i
     """Train, score and save the generator of one fold (into ``out_dir``, the model folder's
     staging folder, when given); log to ``run``. Only the main process writes the weights.
     ``masks`` (lesion masks row-aligned with ``images``) add the lesion-aware test metrics."""
-    cfg = params.generator
+    cfg = params.generator.for_view(view, paths.root)  # pretrained_weights of this view ({view})
     seed = generator_fold_seed(params.seed, view, fold)
     train_ds = paired_dataset(images, subsets["train"], cfg, seed, augment=True)
     val_ds = paired_dataset(images, subsets["val"], cfg, seed, augment=False)
@@ -136,7 +136,7 @@ def serving_generator(paths: ProjectPaths, params: Params, view: str, images: np
     generator trained on every patient but fold 0's val patients (which still early-stop it); it
     has seen every test patient, so its quality is reported as the cross-validated mean.
     """
-    cfg = params.generator
+    cfg = params.generator.for_view(view, paths.root)  # pretrained_weights of this view ({view})
     if cfg.serving_policy == "best_fold":
         best = max(outcomes, key=lambda o: o.val_ssim)
         return best.result.generator_state, {

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from virtual_biopsy.core.config import ConfigError
+from virtual_biopsy.core.config import ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.importers import ImporterError, import_release
 from virtual_biopsy.data.importers.common import IMPORTED, REJECTED, UNMATCHED
@@ -33,7 +33,7 @@ STAGE = "import_pretrain"
 RELEASE_FORMAT = "cdd-cesm"
 
 
-def run_import_pretrain(paths: ProjectPaths, params) -> dict[str, float]:
+def run_import_pretrain(paths: ProjectPaths, params: Params) -> dict[str, float]:
     """Import, ingest and preprocess the pre-training release; return counts of each step."""
     target = paths.pretrain
     outcome = import_release(RELEASE_FORMAT, paths.root / params.pretrain.release_dir, target.raw, force=True)

@@ -35,6 +35,7 @@ from virtual_biopsy.training.pretraining import (
     PretrainError,
     describe_pretraining,
     pretrain_view,
+    pretraining_config,
     save_pretrained,
 )
 
@@ -62,13 +63,13 @@ def run_pretrain_generator(paths: ProjectPaths, params: Params, view: str, devic
         raise CohortError(f"{source.processed_index}: no LE/DES pairs of view {view}")
     with tracking.stage_run(STAGE, root=paths.root, params=params, tags={"view": view},
                             run_name=f"{STAGE}-{view}", enabled=use_mlflow) as run:
+        cfg = pretraining_config(params)
         run.log_params({**tracking.section_params(params, "pretrain"),
-                        **{f"generator.{k}": getattr(params.generator, k) for k in SIZE_KEYS}, "view": view,
+                        **{f"generator.{k}": getattr(cfg, k) for k in SIZE_KEYS}, "view": view,
                         "images": relative(source.processed_images, paths.root)})
         outcome = pretrain_view(images, pairs, params, view, paths.pretrain_checkpoint(view), epoch_logger(run),
                                 params.generator.device if device is None else device)
-        save_pretrained(paths.pretrain_weights(view), outcome, params.pretrain.generator_config(params.generator),
-                        int(np.shape(images)[1]))
+        save_pretrained(paths.pretrain_weights(view), outcome, cfg, int(np.shape(images)[1]))
         report = describe_pretraining(outcome)
         write_json(paths.pretrain_report(view), report)
         run.log_metrics({"best_val_l1": report["best_val_l1"], "best_epoch": report["best_epoch"],

@@ -51,7 +51,6 @@ reports and figures.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 from typing import Any
 
@@ -119,8 +118,6 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
                             run_name=f"{STAGE}-{view}", enabled=use_mlflow and main_process) as run, (
             atomic_dir(paths.generator_dir(view)) if main_process else contextlib.nullcontext()) as staged, \
             run.open_children() as children:
-        # generator.pretrained_weights of this view, from the project root (the runs log it as written)
-        tuned = dataclasses.replace(params, generator=params.generator.for_view(view, paths.root))
         jobs, fold_runs = [], []
         for fold in sorted(int(k) for k in folds["fold"].unique()):
             subsets = fold_subsets(pairs, folds, fold)
@@ -128,10 +125,10 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
             log_fold_inputs(fold_run, paths, params, view, fold, subsets)
             fold_runs.append(fold_run)
             jobs.append(executor.Job(f"{STAGE} {view} fold {fold}", generator_fold_job, kwargs=dict(
-                paths=paths, params=tuned, view=view, fold=fold, subsets=subsets, run=fold_run.handover(),
+                paths=paths, params=params, view=view, fold=fold, subsets=subsets, run=fold_run.handover(),
                 device=device if in_process else requested, out_dir=staged)))
         outcomes = executor.run_jobs(jobs, config, on_done=lambda i, error: children.end(fold_runs[i], error))
-        state, serving = serving_generator(paths, tuned, view, images, pairs, folds, outcomes, device)
+        state, serving = serving_generator(paths, params, view, images, pairs, folds, outcomes, device)
         if not main_process:
             return summarize_generator_folds(view, outcomes, serving)
         size = int(images.shape[1])

@@ -5,7 +5,7 @@ for the CC and MLO views." One CycleGAN per view trains on every LE/DES pair of 
 cohort except those of a held-out share of its patients (``pretrain.val_share``), whose paired L1
 drives early stopping. The network sizes, loss weights and batch size are the generator
 section's, so the weights fit train_generator; epochs, warm-up, patience and learning rate are
-``pretrain``'s (:meth:`~virtual_biopsy.core.config.PretrainConfig.generator_config`).
+``pretrain``'s (:func:`pretraining_config`).
 
 The weight file (:func:`save_pretrained`) is a generator file of models/weights.py, LE -> DES
 generator at its best validation epoch, plus the other three networks under ``networks`` as the
@@ -51,6 +51,24 @@ def pretrain_seed(seed: int, view: str) -> int:
     return derive_seed(seed, VIEWS.index(view), PRETRAIN_STREAM)
 
 
+def pretraining_config(params: Params) -> GeneratorConfig:
+    """The CycleGAN settings of pre-training: the generator section's sizes, losses, batch,
+    optimiser and device, ``pretrain``'s epochs, warm-up, patience and learning rate, from scratch.
+
+    Key by key, not a copy of the generator section: dvc.yaml lists exactly these keys as the
+    pretrain_generator stage's params, so changing what only fine-tuning reads (its epochs, rate,
+    pretrained_weights) does not rerun pre-training.
+    """
+    return GeneratorConfig(
+        ngf=params.generator.ngf, ndf=params.generator.ndf, n_residual_blocks=params.generator.n_residual_blocks,
+        batch_size=params.generator.batch_size, weight_decay=params.generator.weight_decay,
+        beta1=params.generator.beta1, lambda_cycle=params.generator.lambda_cycle,
+        lambda_identity=params.generator.lambda_identity, lambda_paired=params.generator.lambda_paired,
+        augment=params.generator.augment, device=params.generator.device,
+        epochs=params.pretrain.epochs, warmup_epochs=params.pretrain.warmup_epochs,
+        patience=params.pretrain.patience, lr=params.pretrain.lr, sample_every=0, pretrained_weights=None)
+
+
 def holdout_pairs(pairs: pd.DataFrame, val_share: float, seed: int) -> dict[str, pd.DataFrame]:
     """The pairs split by patient: ``val`` holds ``round(val_share * patients)`` of them (at least
     one, and one fewer than all), drawn with ``seed``; ``train`` the others."""
@@ -67,11 +85,12 @@ def holdout_pairs(pairs: pd.DataFrame, val_share: float, seed: int) -> dict[str,
 def pretrain_view(images: np.ndarray, pairs: pd.DataFrame, params: Params, view: str,
                   checkpoint_dir: Path, on_epoch_end: EpochCallback | None = None,
                   device: str = "cpu") -> PretrainOutcome:
-    """Pre-train the CycleGAN of ``view`` on ``pairs`` (rows of ``images``); resumable from
-    ``checkpoint_dir`` (a checkpoint of other images or settings is discarded)."""
+    """Pre-train the CycleGAN of ``view`` on ``pairs`` (rows of ``images``) with
+    :func:`pretraining_config`; resumable from ``checkpoint_dir`` (a checkpoint of other images or
+    settings is discarded)."""
     seed = pretrain_seed(params.seed, view)
     subsets = holdout_pairs(pairs, params.pretrain.val_share, seed)
-    cfg = params.pretrain.generator_config(params.generator)
+    cfg = pretraining_config(params)
     discard_stale_checkpoint(checkpoint_dir, inputs_key(images, image_rows(subsets["train"]),
                                                         image_rows(subsets["val"])))
     result = train_cyclegan(paired_dataset(images, subsets["train"], cfg, seed, augment=True),
