@@ -22,6 +22,7 @@ from virtual_biopsy.dicom.read import (
     display_window,
     presentation_range,
     read_dataset,
+    read_header,
     read_pixels,
 )
 from virtual_biopsy.stages import ingest as ingest_stage
@@ -71,12 +72,13 @@ def test_monochrome1_twin_reads_as_the_same_pixels_and_window(tiny_raw):
 
 
 @pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless], ids=lambda s: s.name)
-def test_compressed_twin_decodes_to_the_same_pixels(tiny_raw, tmp_path, syntax):
+@pytest.mark.parametrize("read", [read_dataset, read_header], ids=["whole-file", "header-only"])
+def test_compressed_twin_decodes_to_the_same_pixels(tiny_raw, tmp_path, syntax, read):
     source = _files(tiny_raw, "*RECOMBINED.dcm")[0]
     ds = pydicom.dcmread(source)
     ds.compress(syntax)
     ds.save_as(tmp_path / "compressed.dcm")
-    compressed = read_dataset(tmp_path / "compressed.dcm")
+    compressed = read(tmp_path / "compressed.dcm")
     assert compressed.file_meta.TransferSyntaxUID == syntax
     np.testing.assert_array_equal(read_pixels(compressed), read_pixels(source))
 
@@ -108,22 +110,39 @@ def _eight_bit(ds: pydicom.Dataset) -> None:
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
 
 
-@pytest.mark.parametrize(
-    "edit",
-    [
-        lambda ds: None,
-        lambda ds: setattr(ds, "PixelData", (np.frombuffer(ds.PixelData, "<u2") | 0xF000).astype("<u2").tobytes()),
-        _signed_with_dirty_high_bits,
-        _eight_bit,
-        lambda ds: (setattr(ds, "RescaleSlope", 0.7), setattr(ds, "RescaleIntercept", -3.5)),
-        lambda ds: setattr(ds, "PhotometricInterpretation", "MONOCHROME1"),
-    ],
-    ids=["plain", "dirty-unused-bits", "signed", "8-bit", "rescale", "monochrome1"],
-)
+_NATIVE_EDITS = [
+    lambda ds: None,
+    lambda ds: setattr(ds, "PixelData", (np.frombuffer(ds.PixelData, "<u2") | 0xF000).astype("<u2").tobytes()),
+    _signed_with_dirty_high_bits,
+    _eight_bit,
+    lambda ds: (setattr(ds, "RescaleSlope", 0.7), setattr(ds, "RescaleIntercept", -3.5)),
+    lambda ds: setattr(ds, "PhotometricInterpretation", "MONOCHROME1"),
+]
+_NATIVE_EDIT_IDS = ["plain", "dirty-unused-bits", "signed", "8-bit", "rescale", "monochrome1"]
+
+
+@pytest.mark.parametrize("edit", _NATIVE_EDITS, ids=_NATIVE_EDIT_IDS)
 def test_native_pixels_read_exactly_as_pydicom_decodes_them(tiny_raw, edit):
     ds = read_dataset(_files(tiny_raw, "*LOW_ENERGY.dcm")[0])
     edit(ds)
     np.testing.assert_array_equal(read_pixels(ds), _as_pydicom_reads_it(ds))
+
+
+@pytest.mark.parametrize("edit", _NATIVE_EDITS, ids=_NATIVE_EDIT_IDS)
+def test_header_only_read_leaves_native_pixels_in_the_file_and_reads_them_exactly(tiny_raw, tmp_path, edit):
+    ds = read_dataset(_files(tiny_raw, "*LOW_ENERGY.dcm")[0])
+    edit(ds)
+    ds.save_as(tmp_path / "edited.dcm")
+    header = read_header(tmp_path / "edited.dcm")
+    assert header.get_item("PixelData", keep_deferred=True).value is None  # not read with the header
+    np.testing.assert_array_equal(read_pixels(header), _as_pydicom_reads_it(pydicom.dcmread(tmp_path / "edited.dcm")))
+
+
+def test_header_only_read_still_finds_a_file_cut_short_in_its_pixel_data(tiny_raw, tmp_path):
+    source = _files(tiny_raw, "*LOW_ENERGY.dcm")[0]
+    (tmp_path / "cut.dcm").write_bytes(source.read_bytes()[:-1000])
+    with pytest.raises(DicomReadError, match="truncated file"):
+        read_header(tmp_path / "cut.dcm")
 
 
 def test_short_native_pixel_data_is_corrupt(tiny_raw):

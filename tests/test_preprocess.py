@@ -115,6 +115,35 @@ def test_resize_keeps_values_in_range_and_averages_instead_of_aliasing():
     np.testing.assert_allclose(out, 0.5, atol=0.05)  # aliasing would give stripes of 0 and 1
 
 
+def test_resize_of_the_mapped_float_buffer_equals_resizing_a_pillow_copy():
+    """resize_square hands Pillow the array's memory (no copy); the values must be what resizing
+    Pillow's own copy of it gives, at a processed size and when enlarging (source_geometry)."""
+    from PIL import Image
+
+    square = np.random.default_rng(4).random((301, 301), dtype=np.float32)
+    for size in (64, 256, 400):
+        copied = np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR))
+        np.testing.assert_array_equal(resize_square(square, size), np.clip(copied, 0.0, 1.0))
+    assert square.flags.writeable and np.isfinite(square).all()
+
+
+def test_preprocessing_one_image_after_another_of_other_sizes_gives_each_its_own_result():
+    """The padded square is scratch memory reused per thread: a later image, smaller or larger,
+    must not see an earlier one, nor an earlier result change."""
+    rng = np.random.default_rng(5)
+    images = [rng.random(shape, dtype=np.float32) * 1000 for shape in ((40, 30), (40, 30), (25, 50), (60, 20))]
+    first = preprocess_pixels(images[0], 500.0, 1000.0, True, SIZE)
+    kept = first.copy()
+    results = [preprocess_pixels(image, 500.0, 1000.0, True, SIZE) for image in images[1:]]
+    np.testing.assert_array_equal(first, kept)
+    for image, result in zip(images[1:], results):
+        fresh = resize_square(contrast_stretch(pad_to_square(image[:, ::-1], float(image[:, ::-1][:, :2].mean())),
+                                               500.0, 1000.0), SIZE)
+        assert result.shape == (SIZE, SIZE) and not np.shares_memory(result, first)
+        assert np.abs(result - fresh).max() < 0.05  # its own image (background strip aside), not a neighbour's
+    assert not np.array_equal(results[0], first)
+
+
 # --- the stage on a tiny simulated dataset -----------------------------------------------------
 
 def test_stage_writes_a_memory_mappable_unit_range_array_and_an_index(processed):

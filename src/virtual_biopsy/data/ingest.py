@@ -1,6 +1,7 @@
 """Ingest: every file under the raw images folder becomes a manifest row or a rejected-file row.
 
-Each file is read with pydicom (in a process pool: decoding is most of the cost) and checked in
+Each file's header is read with pydicom (in a process pool; compressed pixel data are decoded to
+check them, native ones need only their length) and checked in
 the order a user would fix problems: readable DICOM, complete, a mammogram, laterality, view,
 energy, decodable grey-scale pixels. Accepted images are then joined with ``metadata.csv`` (biopsy
 result, ACR density, phase, age), de-duplicated by SOPInstanceUID and, when pairing is required,
@@ -39,7 +40,7 @@ from pydicom.errors import InvalidDicomError
 from virtual_biopsy.core.atomic import write_csv, write_json
 from virtual_biopsy.core.config import ACR_CATEGORIES, LABELS, PHASES, IngestConfig
 from virtual_biopsy.dicom.cesm import UnknownEnergyError, energy_of, is_simulated, is_synthetic
-from virtual_biopsy.dicom.read import DicomReadError, check_pixel_data, display_window, read_dataset
+from virtual_biopsy.dicom.read import DicomReadError, check_pixel_data, display_window, read_header
 from virtual_biopsy.data.layout import (
     ENERGY_TO_MODALITY,
     LESIONS_FILE,
@@ -168,7 +169,7 @@ def age_from_dicom(ds: Dataset) -> int | None:
 
 def _read_mammogram(path: Path) -> Dataset:
     try:
-        ds = read_dataset(path)
+        ds = read_header(path)  # native pixel data stay in the file: check_pixel_data needs their length only
     except InvalidDicomError:
         raise Rejection("not_dicom", "not a DICOM file (no DICM prefix / File Meta Information)") from None
     except DicomReadError as exc:
@@ -182,7 +183,8 @@ def _read_mammogram(path: Path) -> Dataset:
 
 
 def inspect_file(path: Path, raw_dir: Path, salt: str) -> ImageRecord | RejectedFile:
-    """Read one file fully (header and pixels) and return its record or why it is rejected."""
+    """Read one file (its header; pixel data only where compressed, to decode them) and return
+    its record or why it is rejected."""
     relative = path.relative_to(raw_dir).as_posix()
     try:
         ds = _read_mammogram(path)

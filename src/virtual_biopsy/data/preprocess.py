@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ from virtual_biopsy.core.atomic import atomic_dir, staged_path, write_csv
 from virtual_biopsy.core.config import PreprocessConfig
 from virtual_biopsy.data.layout import INTERIM_LESION_COLUMNS, MANIFEST_COLUMNS, PROCESSED_LESION_COLUMNS
 from virtual_biopsy.data.lesions import LesionMaskError, read_mask_png
-from virtual_biopsy.dicom.read import DicomReadError, display_window, read_dataset, read_pixels
+from virtual_biopsy.dicom.read import DicomReadError, display_window, read_header, read_pixels
 from virtual_biopsy.core.parallel import map_in_processes
 from virtual_biopsy.core.paths import ProjectPaths
 
@@ -110,14 +111,17 @@ def background_value(pixels: np.ndarray) -> float:
     return float(pixels[:, :strip].mean(dtype=np.float64))
 
 
-def pad_to_square(pixels: np.ndarray, value: float) -> np.ndarray:
+def pad_to_square(pixels: np.ndarray, value: float, out: np.ndarray | None = None) -> np.ndarray:
     """Pad with ``value`` to a square: columns on the left, or rows split top/bottom.
 
-    Returns a new array of the same dtype (the image copied into place, the padding filled).
+    Returns a new array of the same dtype (the image copied into place, the padding filled), or
+    ``out`` (``side x side``, any dtype) filled so.
     """
     rows, cols = pixels.shape
     side = max(rows, cols)
-    square = np.empty((side, side), dtype=pixels.dtype)
+    square = np.empty((side, side), dtype=pixels.dtype) if out is None else out
+    if square.shape != (side, side):
+        raise ValueError(f"pad_to_square: out has shape {square.shape}, not {(side, side)}")
     if rows > cols:
         square[:, : side - cols] = value
         square[:, side - cols:] = pixels
@@ -127,6 +131,24 @@ def pad_to_square(pixels: np.ndarray, value: float) -> np.ndarray:
         square[top + rows:] = value
         square[top: top + rows] = pixels
     return square
+
+
+_canvases = threading.local()
+
+
+def _square_canvas(side: int) -> np.ndarray:
+    """A float32 ``side x side`` scratch square, reused by the calling thread.
+
+    At the paper's size the padded square is 32.5 MB: above glibc's largest mmap threshold (32
+    MB), so a fresh array is a fresh mapping, page-faulted in and unmapped for every image, which
+    cost as much as filling it. A worker preprocesses images of one size, so one square per thread
+    serves them all (per thread: the serving layer may preprocess from several). Only
+    :func:`preprocess_pixels` and :func:`preprocess_mask` use it, and neither returns it.
+    """
+    canvas = getattr(_canvases, "square", None)
+    if canvas is None or canvas.shape != (side, side):
+        canvas = _canvases.square = np.empty((side, side), dtype=np.float32)
+    return canvas
 
 
 def contrast_stretch(pixels: np.ndarray, center: float, width: float, *, in_place: bool = False) -> np.ndarray:
@@ -148,6 +170,26 @@ def contrast_stretch(pixels: np.ndarray, center: float, width: float, *, in_plac
     return clipped.astype(np.float32, copy=False)
 
 
+def _float_image(pixels: np.ndarray) -> Image.Image:
+    """A mode-F Pillow image over ``pixels``' memory (C-contiguous float32), without a copy.
+
+    ``Image.fromarray`` copies a float array into a freshly allocated Pillow image (for a 2850 x
+    2850 square, three times the cost of the resize itself): ``Image.frombuffer`` maps only the
+    modes in its ``_MAPMODES`` list without copying, though the ``core.map_buffer`` it calls for
+    them maps 4-byte F lines alike. The mapped image keeps a reference to the buffer and is marked
+    read-only, as ``frombuffer`` marks its mapped images. Where the call is missing (another
+    Pillow) it falls back to ``fromarray``; the resized values are the same either way (tested).
+    """
+    rows, cols = pixels.shape
+    try:
+        core = Image.core.map_buffer(pixels, (cols, rows), "raw", 0, ("F", 0, 1))
+    except (AttributeError, TypeError, ValueError):
+        return Image.fromarray(pixels)
+    image = Image.new("F", (0, 0))._new(core)
+    image.readonly = 1
+    return image
+
+
 def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
     """Resize a square float image to ``size x size`` with anti-aliasing; values stay in range.
 
@@ -155,7 +197,7 @@ def resize_square(pixels: np.ndarray, size: int) -> np.ndarray:
     so every source pixel contributes (no aliasing) and the weights are convex (no overshoot,
     unlike Lanczos); it is several times faster than skimage's Gaussian-then-interpolate.
     """
-    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32))  # float32 -> mode "F"
+    image = _float_image(np.ascontiguousarray(pixels, dtype=np.float32))
     resized = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
     return np.clip(resized, 0.0, 1.0)
 
@@ -164,7 +206,8 @@ def preprocess_pixels(pixels: np.ndarray, center: float, width: float, chest_wal
                       size: int) -> np.ndarray:
     """Paper 4.1 on one presentation-space image: orient, pad, stretch, normalise, resize."""
     oriented = orient(pixels, chest_wall_left)
-    square = pad_to_square(oriented, background_value(oriented))  # a fresh array: stretch it in place
+    canvas = _square_canvas(max(pixels.shape))
+    square = pad_to_square(oriented, background_value(oriented), out=canvas)  # scratch: stretch it in place
     return resize_square(contrast_stretch(square, center, width, in_place=True), size)
 
 
@@ -182,8 +225,8 @@ def preprocess_mask(mask: np.ndarray, chest_wall_left: bool, size: int) -> np.nd
     the same resize, then pixels at least half covered; a non-empty mask keeps at least its most
     covered pixel.
     """
-    oriented = orient(mask.astype(np.float32), chest_wall_left)
-    coverage = resize_square(pad_to_square(oriented, 0.0), size)  # share of each pixel inside the lesion
+    square = pad_to_square(orient(mask, chest_wall_left), 0.0, out=_square_canvas(max(mask.shape)))  # 0/1 float32
+    coverage = resize_square(square, size)  # share of each pixel inside the lesion
     processed = (coverage >= 0.5).astype(np.uint8)
     if mask.any() and not processed.any():
         processed[np.unravel_index(np.argmax(coverage), coverage.shape)] = 1
@@ -194,7 +237,7 @@ def _read_listed_dataset(path: str | Path, expected_uid: str | None):
     """Read one DICOM; errors name the file. With ``expected_uid``, the file must still hold that
     image (SOPInstanceUID), the one ingest listed under this path."""
     try:
-        ds = read_dataset(path)
+        ds = read_header(path)  # the pixels are read once, by read_pixels
     except (OSError, DicomReadError, ValueError) as exc:
         raise PreprocessError(f"{path}: {exc}") from exc
     if expected_uid is not None and str(ds.get("SOPInstanceUID", "") or "").strip() != expected_uid:

@@ -50,6 +50,42 @@ def read_dataset(path: str | Path) -> Dataset:
     return ds
 
 
+# Values longer than this stay in the file when only the header is wanted (read_header): the
+# pixel data (a 2850 x 2394 16-bit frame is 13.6 MB, a 96-row test image 15 KB) and any other
+# bulk value (ICC profile, overlay); the attributes ingest reads are a few bytes each, and a
+# deferred value that is used after all is read from the file then.
+DEFERRED_VALUE_BYTES = 4096
+
+
+def read_header(path: str | Path) -> Dataset:
+    """Read a DICOM Part 10 file's header; the pixel data stay in the file until they are used.
+
+    Like :func:`read_dataset` (same errors, the same truncation check: a deferred element still
+    declares its length and where its value starts), but values over
+    :data:`DEFERRED_VALUE_BYTES` are not read: ``ds.PixelData`` reads them from ``ds.filename``
+    when asked, and :func:`read_pixels` reads native pixel data straight into an array. Ingest
+    needs no pixel value of a native file (:func:`check_pixel_data` checks its length), and
+    preprocessing reads them once, without pydicom's copy of the whole file.
+    """
+    ds = pydicom.dcmread(path, defer_size=DEFERRED_VALUE_BYTES)
+    check_complete(ds, os.stat(path).st_size)
+    return ds
+
+
+def _deferred_pixel_data(ds: Dataset) -> RawDataElement | None:
+    """The PixelData element when its value is still in the file (read_header), else None."""
+    element = ds.get_item("PixelData", keep_deferred=True)
+    if isinstance(element, RawDataElement) and element.value is None:
+        return element
+    return None
+
+
+def _pixel_data_length(ds: Dataset) -> int:
+    """Bytes of pixel data, without reading a deferred value."""
+    deferred = _deferred_pixel_data(ds)
+    return deferred.length if deferred is not None else len(ds.PixelData)
+
+
 def check_complete(ds: Dataset, size: int) -> None:
     """Raise :class:`TruncatedFileError` when a top-level element runs past the end of the file.
 
@@ -117,8 +153,9 @@ _NATIVE_DTYPES = {(8, 0): "<u1", (8, 1): "<i1", (16, 0): "<u2", (16, 1): "<i2", 
 def _native_frame(ds: Dataset) -> np.ndarray | None:
     """Stored values of one little-endian native grey-scale frame, exactly as ``ds.pixel_array``.
 
-    Native pixel data is the values themselves, so this is a read-only view on ``ds.PixelData``
-    (unused high bits are cleared as pydicom does, on a copy, only when some pixel has them set).
+    Native pixel data is the values themselves, so this is a read-only view on ``ds.PixelData``,
+    or one ``np.fromfile`` of them when :func:`read_header` left them in the file (unused high bits
+    are cleared as pydicom does, on a copy, only when some pixel has them set).
     It skips pydicom's decoder set-up, which costs about as much as parsing the whole header of a
     small image. Returns None for anything else (compressed, big endian, several frames or
     samples, unusual bit depths, short pixel data, unreadable attributes): :func:`read_pixels`
@@ -138,11 +175,22 @@ def _native_frame(ds: Dataset) -> np.ndarray | None:
     except (AttributeError, TypeError, ValueError):
         return None
     dtype = _NATIVE_DTYPES.get((allocated, signed))
-    data = ds.PixelData
-    if (dtype is None or not 0 < stored_bits <= allocated or rows < 1 or columns < 1
-            or not isinstance(data, bytes) or len(data) < rows * columns * allocated // 8):
+    if dtype is None or not 0 < stored_bits <= allocated or rows < 1 or columns < 1:
         return None
-    stored = np.frombuffer(data, dtype=dtype, count=rows * columns).reshape(rows, columns)
+    count = rows * columns
+    deferred = _deferred_pixel_data(ds)
+    if deferred is not None:  # read_header left the values in the file: one read, no copy via bytes
+        if deferred.length < count * allocated // 8 or not isinstance(ds.filename, str):
+            return None
+        stored = np.fromfile(ds.filename, dtype=dtype, count=count, offset=deferred.value_tell)
+        if stored.size != count:  # the file shrank since its header was read
+            return None
+    else:
+        data = ds.PixelData
+        if not isinstance(data, bytes) or len(data) < count * allocated // 8:
+            return None
+        stored = np.frombuffer(data, dtype=dtype, count=count)
+    stored = stored.reshape(rows, columns)
     if stored_bits < allocated:
         lo, hi = stored_value_range(ds)
         if stored.max() > hi or (signed and stored.min() < lo):
@@ -200,7 +248,7 @@ def check_pixel_data(ds: Dataset) -> None:
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         read_pixels(ds)
         return
-    expected, actual = get_expected_length(ds), len(ds.PixelData)
+    expected, actual = get_expected_length(ds), _pixel_data_length(ds)
     if actual < expected:
         raise DicomReadError(f"corrupt pixel data: {actual} bytes where Rows x Columns x BitsAllocated need {expected}")
 
