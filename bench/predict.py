@@ -1,6 +1,6 @@
 """Latency of `vbiopsy predict` per study and where the time goes (models loaded once, warm-up first).
 
-    .venv/bin/python bench/predict.py [--repeats 10] [--sizes 64 256] [--generators cpu paper]
+    .venv/bin/python bench/predict.py [--repeats 10] [--sizes 64 256] [--generators cpu paper] [--folds 5]
                                       [--breasts 2] [--source-rows N] [--arch resnet18] [--threads N]
     .venv/bin/python bench/predict.py --quick      # 1 repetition at 64 px: checks that it runs
 
@@ -25,8 +25,11 @@ Levels (cumulative), each with p50 / p95 over ``--repeats`` studies and the rati
     come from the same runs; a stage's share is its median over the sum of the stage medians.
     Imputation is the generators' forward passes; classification is the rest of predict_images.
 
-Not included yet: the fold ensemble (issue #16); the served pipeline has one classifier per
-modality and view, so these are the figures of today's single-fold pipeline.
+The pipeline is the served one of issue #16: ``--folds`` (default 5) folds' classifiers per modality
+and view, each fold fused with its own weights, calibrated and averaged, with the conformal set
+(the calibration is the identity here: it costs the same arithmetic); saliency is the mean of the
+folds' Grad-CAM maps, so it runs once per fold and classifier. ``--folds 1`` times
+``gate.serving: best_fold``.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ from torch import nn
 from virtual_biopsy.core.config import SynthConfig
 from virtual_biopsy.data.synthetic import synthesize
 from virtual_biopsy.models import ResnetGenerator, build_classifier
-from virtual_biopsy.serving.fused_model import FusedPipeline
+from virtual_biopsy.serving.fused_model import FoldClassifiers, FusedPipeline, identity_calibration
 from virtual_biopsy.serving.predict import (
     page_notes, predict_images, preprocess_study, read_study, study_page, study_saliency, write_dicom_results,
 )
@@ -57,8 +60,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_MS = 1500.0  # issue #16: p50 at most 1.5 s per study at 256 px on 2 CPU cores
 STAGES = ("preprocess", "imputation", "classification", "saliency", "report", "dicom")
 LEVELS = (("prediction", 3), ("+ saliency", 4), ("+ HTML report", 5), ("+ DICOM results", 6))  # first n stages
-FOLD_ENSEMBLE_NOTE = ("NOT INCLUDED YET: the fold ensemble (issue #16). The pipeline timed here has one "
-                      "classifier per modality and view, as served today.")
+DEFAULT_FOLDS = 5
+
+
+def ensemble_note(folds: int) -> str:
+    if folds == 1:
+        return "one fold (gate.serving: best_fold): one classifier per modality and view"
+    return (f"fold ensemble of {folds} folds (gate.serving: ensemble): {4 * folds} classifiers, each fold fused "
+            "with its own weights, calibrated and averaged; Grad-CAM of every fold, averaged")
 QUICK_REPEATS, QUICK_SIZES = 1, (64,)
 DEFAULT_REPEATS, DEFAULT_SIZES = 10, (64, 256)
 SYNTH_PATIENTS = 3  # a few, so that one of them surely has both breasts imaged (most simulated patients do)
@@ -145,15 +154,20 @@ class TimedModule(nn.Module):
         return out
 
 
-def untrained_pipeline(arch: str, size: int, generator: GeneratorSize) -> FusedPipeline:
-    """The served pipeline's networks untrained: the classifiers as built for training, timed generators."""
+def untrained_pipeline(arch: str, size: int, generator: GeneratorSize, folds: int = DEFAULT_FOLDS) -> FusedPipeline:
+    """The served pipeline's networks untrained: ``folds`` folds of the four classifiers as built for
+    training (each fold its own seeds and weights), timed generators, the identity calibration."""
     generators = {v: TimedModule(ResnetGenerator(channels=1, ngf=generator.ngf,
                                                  n_residual_blocks=generator.n_residual_blocks))
                   for v in ("CC", "MLO")}
-    classifiers = {(m, v): build_classifier(arch, seed=i) for i, (m, v) in
-                   enumerate((m, v) for m in ("FFDM", "CESM") for v in ("CC", "MLO"))}
+    pairs = [(m, v) for m in ("FFDM", "CESM") for v in ("CC", "MLO")]
     half = {"CC": 0.5, "MLO": 0.5}
-    return FusedPipeline(arch, size, generators, classifiers, {"FFDM": half, "CESM": half}, {"FFDM": 0.5, "CESM": 0.5})
+    serving_folds = [FoldClassifiers(arch, k, {(m, v): build_classifier(arch, seed=4 * k + i)
+                                               for i, (m, v) in enumerate(pairs)},
+                                     {"FFDM": half, "CESM": half}, {"FFDM": 0.5, "CESM": 0.5})
+                     for k in range(folds)]
+    return FusedPipeline(arch, size, generators, serving_folds, identity_calibration(),
+                         {"serving": "ensemble" if folds > 1 else "best_fold"})
 
 
 def imputation_seconds(fused: FusedPipeline) -> float:
@@ -292,8 +306,8 @@ def case_title(size: int, with_cesm: bool, generator: GeneratorSize, arch: str) 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Per-study latency of `vbiopsy predict` (prediction, + Grad-CAM saliency, + HTML report, "
-                    "+ DICOM results) with the time per stage and the ratio to the 1.5 s target of issue #16. "
-                    "The fold ensemble is NOT included yet.",
+                    "+ DICOM results) of the fold ensemble with the time per stage and the ratio to the 1.5 s "
+                    "target of issue #16.",
         epilog="Full measurement (the figures of the README): run without options on an idle machine. "
                "--quick checks that it runs.")
     parser.add_argument("--repeats", type=int, default=None,
@@ -309,6 +323,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--source-rows", type=int, default=None,
                         help="detector rows of the simulated DICOM images (default params.yaml synth.image_height)")
     parser.add_argument("--arch", default="resnet18", help="classifier architecture (default resnet18)")
+    parser.add_argument("--folds", type=int, default=DEFAULT_FOLDS,
+                        help=f"serving folds (default {DEFAULT_FOLDS}: the fold ensemble; 1 = gate.serving best_fold)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default torch's own)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_REPEATS} repetition at 64 px only (sizes/repeats given explicitly still win)")
@@ -317,8 +333,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.repeats = QUICK_REPEATS if args.quick else DEFAULT_REPEATS
     if args.sizes is None:
         args.sizes = list(QUICK_SIZES if args.quick else DEFAULT_SIZES)
-    if args.repeats < 1 or any(s < 32 for s in args.sizes):
-        parser.error(f"--repeats must be >= 1 and every size >= 32 px (got {args.repeats}, {args.sizes})")
+    if args.repeats < 1 or args.folds < 1 or any(s < 32 for s in args.sizes):
+        parser.error(f"--repeats and --folds must be >= 1 and every size >= 32 px "
+                     f"(got {args.repeats}, {args.folds}, {args.sizes})")
     if args.source_rows is None:
         args.source_rows = _section_value(ROOT / "params.yaml", "synth", "image_height")
     return args
@@ -331,19 +348,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     generators = [generator_size(name) for name in args.generators]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {args.breasts} breast(s) per study, "
           f"simulated DICOM of {args.source_rows} rows; {args.repeats} timed studies per case after one warm-up")
-    print(FOLD_ENSEMBLE_NOTE)
+    print(ensemble_note(args.folds))
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         studies = write_studies(Path(tmp), args.source_rows, args.breasts)
         for size, with_cesm, generator in cases(args.sizes, generators):
-            fused = untrained_pipeline(args.arch, size, generator)
+            fused = untrained_pipeline(args.arch, size, generator, args.folds)
             summary = summarize(measure(fused, studies[with_cesm], args.repeats, Path(tmp)))
             title = case_title(size, with_cesm, generator, args.arch)
             print("\n" + format_summary(title, summary), flush=True)
             rows.append((title, summary))
     print("\nfull study (prediction + saliency + HTML report + DICOM results) against the 1.5 s target:")
     print(format_overview(rows))
-    print(FOLD_ENSEMBLE_NOTE)
+    print(ensemble_note(args.folds))
 
 
 if __name__ == "__main__":

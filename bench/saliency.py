@@ -26,7 +26,8 @@ def untrained_pipeline(arch: str, size: int) -> FusedPipeline:
     classifiers = {(m, v): build_classifier(arch, seed=i) for i, (m, v) in
                    enumerate((m, v) for m in ("FFDM", "CESM") for v in ("CC", "MLO"))}
     half = {"CC": 0.5, "MLO": 0.5}
-    return FusedPipeline(arch, size, generators, classifiers, {"FFDM": half, "CESM": half}, {"FFDM": 0.5, "CESM": 0.5})
+    return FusedPipeline.single_fold(arch, size, generators, classifiers, {"FFDM": half, "CESM": half},
+                                     {"FFDM": 0.5, "CESM": 0.5})
 
 
 def study_milliseconds(pipeline: FusedPipeline, studies: int, seed: int = 0) -> np.ndarray:
@@ -37,7 +38,7 @@ def study_milliseconds(pipeline: FusedPipeline, studies: int, seed: int = 0) -> 
         ffdm = [{v: rng.random((size, size), dtype=np.float32) for v in ("CC", "MLO")} for _ in range(BREASTS_PER_STUDY)]
         cesm = [{v: rng.random((size, size), dtype=np.float32) for v in ("CC", "MLO")} for _ in range(BREASTS_PER_STUDY)]
         start = time.perf_counter()
-        pipeline_saliency(pipeline, ffdm, cesm)
+        pipeline_saliency(pipeline.folds[0], ffdm, cesm)  # one fold's four classifiers
         if i:  # the first study is warm-up
             out.append(time.perf_counter() - start)
     return np.array(out) * 1000

@@ -229,6 +229,14 @@ def _write_fused_project(root: Path) -> Path:
                                                                             "critical_failed": 0, "warning_failed": 0}))
     (paths.reports / "split").mkdir(parents=True, exist_ok=True)
     (paths.reports / "split" / "summary.json").write_text(json.dumps({"leakage": 0, "folds": 2}))
+    # What the evaluate stage fits for serving (outputs/calibration/<arch>.json); T != 1 so that the
+    # served p differs from the raw fused p, qhat < 1 so that sets of one class occur.
+    calibration = {"method": "temperature", "fitted_on": "the fixture's choice", "conformal_level": 0.9,
+                   "settings": {s: {"temperature": t, "qhat": q, "n_val": 16} for s, t, q in
+                                (("F", 1.2, 0.6), ("C", 0.9, 0.55), ("Ĉ", 1.3, 0.62), ("F+C", 0.8, 0.55),
+                                 ("F+Ĉ", 1.5, 0.65))}}
+    (root / "outputs" / "calibration").mkdir(parents=True, exist_ok=True)
+    (root / "outputs" / "calibration" / "resnet18.json").write_text(json.dumps(calibration, ensure_ascii=False))
     return root
 
 

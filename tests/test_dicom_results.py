@@ -26,8 +26,10 @@ from virtual_biopsy.serving.dicom_results import (
 
 MODEL = ModelInfo(name="virtual-biopsy-resnet18", version="3", alias="champion")
 CLASSIFIER = ClassifierInfo(view="CC", modality="CESM", architecture="resnet18")
-FINDINGS = (BreastFinding("L", 0.83, "malignant", imputed_cesm_views=("CC",), p_ffdm=0.61, p_cesm=0.9),
-            BreastFinding("R", 0.12, "benign"))
+FINDINGS = (BreastFinding("L", 0.83, "malignant", imputed_cesm_views=("CC",), p_ffdm=0.61, p_cesm=0.9,
+                          p_uncalibrated=0.78, p_fold_sd=0.04, p_fold_min=0.77, p_fold_max=0.88, n_folds=5,
+                          conformal_set=("benign", "malignant"), conformal_level=0.9),
+            BreastFinding("R", 0.12, "benign", conformal_set=("benign",), conformal_level=0.9))
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +104,37 @@ def test_structured_report_reads_back_probability_class_laterality_and_sources(s
         assert "Research use only" in items_named(group, "121106")[0].TextValue
 
 
+def _content_codes(item) -> dict[str, str]:
+    """concept code value -> value code of a measurement's modifiers (method, derivation)."""
+    return {c.ConceptNameCodeSequence[0].CodeValue: c.ConceptCodeSequence[0].CodeValue
+            for c in item.get("ContentSequence", []) if "ConceptCodeSequence" in c}
+
+
+def test_structured_report_carries_the_fold_spread_and_the_conformal_set(study, tmp_path):
+    [path] = write_results(tmp_path, [structured_report(study, FINDINGS, MODEL)])
+    groups = groups_by_laterality(pydicom.dcmread(path))
+    fused = {}
+    for item in items_named(groups["L"], "111047"):
+        codes = _content_codes(item)
+        if codes.get("370129005") == "FUSED":  # method
+            fused[codes.get("121401")] = float(item.MeasuredValueSequence[0].NumericValue)  # derivation
+    # derivation Mean / Standard Deviation / Minimum / Maximum (CID 7464)
+    assert fused == pytest.approx({"373098007": 0.83, "386136009": 0.04, "255605001": 0.77, "56851009": 0.88})
+    uncalibrated = [i for i in items_named(groups["L"], "111047") if _content_codes(i).get("370129005") == "FUSED_UNCAL"]
+    assert float(uncalibrated[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(0.78)
+    members = {g: sorted(i.ConceptCodeSequence[0].CodeMeaning for i in items_named(groups[g], "CONFORMAL_CLASS"))
+               for g in ("L", "R")}
+    assert members == {"L": ["Benign", "Malignant"], "R": ["Benign"]}
+    [level] = items_named(groups["R"], "CONFORMAL_LEVEL")
+    assert float(level.MeasuredValueSequence[0].NumericValue) == pytest.approx(0.9)
+    assert "calibrated mean over 5 fold models" in items_named(groups["L"], "121106")[0].TextValue
+
+
+def test_a_conformal_set_with_an_unknown_class_is_refused(study):
+    with pytest.raises(DicomResultsError, match=r"conformal set classes \['suspicious'\]"):
+        structured_report(study, [BreastFinding("L", 0.5, "benign", conformal_set=("suspicious",))], MODEL)
+
+
 def test_structured_report_names_the_model_and_keeps_the_patients_study(study):
     sr = structured_report(study, FINDINGS, MODEL)
     source = study[0]
@@ -172,9 +205,13 @@ def test_finding_from_prediction_takes_predicts_fields():
     class Prediction:  # the attributes of serving.fused_model.BreastPrediction that matter here
         p, p_ffdm, p_cesm, label = 0.7, 0.4, 0.8, "malignant"
         synthetic = {"CC": True, "MLO": False}
+        p_uncalibrated, p_folds, p_fold_sd, p_fold_min, p_fold_max = 0.66, (0.6, 0.8), 0.1, 0.6, 0.8
+        conformal_set, conformal_level = ("malignant",), 0.9
 
     finding = finding_from_prediction("R", Prediction())
-    assert finding == BreastFinding("R", 0.7, "malignant", ("CC",), 0.4, 0.8)
+    assert finding == BreastFinding("R", 0.7, "malignant", ("CC",), 0.4, 0.8, p_uncalibrated=0.66, p_fold_sd=0.1,
+                                    p_fold_min=0.6, p_fold_max=0.8, n_folds=2, conformal_set=("malignant",),
+                                    conformal_level=0.9)
 
 
 def test_saliency_of_the_wrong_shape_is_refused(study):
@@ -247,7 +284,9 @@ def test_predict_writes_a_structured_report_and_a_map_per_classifier_for_the_pac
     for lat, breast in printed["breasts"].items():
         fused = next(i for i in items_named(groups[lat], "111047")
                      if i.ContentSequence[0].ConceptCodeSequence[0].CodeValue == "FUSED")
-        assert float(fused.MeasuredValueSequence[0].NumericValue) == pytest.approx(breast["p"], abs=1e-6)
+        assert float(fused.MeasuredValueSequence[0].NumericValue) == pytest.approx(breast["p_calibrated"], abs=1e-6)
+        members = sorted(i.ConceptCodeSequence[0].CodeMeaning.lower() for i in items_named(groups[lat], "CONFORMAL_CLASS"))
+        assert members == sorted(breast["conformal_set"])
         assert all(items_named(groups[lat], f"CESM_{v}_IMPUTED")[0].ConceptCodeSequence[0].CodeMeaning == "Yes"
                    for v in ("CC", "MLO"))
     for seg in maps:

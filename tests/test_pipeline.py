@@ -37,23 +37,32 @@ def breast(tiny_raw):
 
 
 def by_hand(root, breast, cesm_given: bool) -> float:
-    """Algorithm 1 with the stages' own functions and files (serving fold of the gate)."""
+    """Algorithm 1 with the stages' own functions and files: every serving fold of the gate fused with
+    its own weights, calibrated with the evaluate stage's temperature of the setting, averaged."""
+    from virtual_biopsy.evaluation.calibration import apply_temperature
+
     paths = ProjectPaths(root)
-    fold = json.loads((paths.reports / "gate.json").read_text())["resnet18"]["serving_fold"]
-    weights = next(f.weights for f in prepare_folds(load_predictions(paths, ["resnet18"], ("FFDM", "CESM"), ("CC", "MLO")),
-                                                   ("FFDM", "CESM"), ("CC", "MLO")) if f.fold == fold)
-    p = {}
-    for modality in ("FFDM", "CESM"):
-        per_view = {}
-        for view in ("CC", "MLO"):
-            image = breast["LE", view]
-            if modality == "CESM":
-                image = breast["DES", view] if cesm_given else generate(
-                    load_generator_weights(paths.serving_generator(view))[0], image[None])[0]
-            model = load_classifier(paths.classifier_weights("resnet18", modality, view, fold))[0]
-            per_view[view] = predict_proba(model, image[None], [0])
-        p[modality] = fuse(per_view, weights.views[modality])
-    return float(fuse(p, weights.modalities)[0])
+    served = json.loads((paths.reports / "gate.json").read_text())["resnet18"]["serving_folds"]
+    folds = {f.fold: f.weights for f in prepare_folds(load_predictions(paths, ["resnet18"], ("FFDM", "CESM"),
+                                                                       ("CC", "MLO")), ("FFDM", "CESM"), ("CC", "MLO"))}
+    calibration = json.loads((root / "outputs" / "calibration" / "resnet18.json").read_text(encoding="utf-8"))
+    temperature = calibration["settings"]["F+C" if cesm_given else "F+Ĉ"]["temperature"]
+    calibrated = []
+    for fold in served:
+        weights = folds[fold]
+        p = {}
+        for modality in ("FFDM", "CESM"):
+            per_view = {}
+            for view in ("CC", "MLO"):
+                image = breast["LE", view]
+                if modality == "CESM":
+                    image = breast["DES", view] if cesm_given else generate(
+                        load_generator_weights(paths.serving_generator(view))[0], image[None])[0]
+                model = load_classifier(paths.classifier_weights("resnet18", modality, view, fold))[0]
+                per_view[view] = predict_proba(model, image[None], [0])
+            p[modality] = fuse(per_view, weights.views[modality])
+        calibrated.append(float(apply_temperature(fuse(p, weights.modalities), temperature)[0]))
+    return float(np.mean(calibrated))
 
 
 def request_frame(breast, cesm_given: bool) -> pd.DataFrame:
@@ -76,6 +85,10 @@ def test_pyfunc_in_a_fresh_process_matches_the_stage_functions(gated_project, br
     assert out[0]["p"] == pytest.approx(by_hand(gated_project, breast, cesm_given=True), abs=1e-6)
     assert out[1]["p"] == pytest.approx(by_hand(gated_project, breast, cesm_given=False), abs=1e-6)
     assert out[0]["class"] == ("malignant" if out[0]["p"] >= 0.5 else "benign")
+    assert [r["p_calibrated"] for r in out] == [r["p"] for r in out]
+    assert [(r["setting"], r["n_folds"], r["imputed_cc"], r["imputed_mlo"]) for r in out] == \
+        [("F+C", 2, False, False), ("F+Ĉ", 2, True, True)]
+    assert all(r["p_fold_min"] <= r["p"] <= r["p_fold_max"] and r["conformal_set"] for r in out)
 
 
 def test_real_cesm_is_used_and_missing_cesm_is_imputed_and_flagged(gated_project, breast, tmp_path):

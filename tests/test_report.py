@@ -108,7 +108,15 @@ def test_the_page_opened_in_chromium_shows_each_breasts_probability_class_and_sy
     assert ("acquired CESM" in text) == (kind == "acquired")
     # The page names the setting its p comes from: F+Ĉ when both CESM views were imputed.
     assert ("p (fused, F+Ĉ)" in text) == (kind == "imputed") and ("p (fused, F+C)" in text) == (kind == "acquired")
-    assert text.count(NOT_AVAILABLE) == 3 * len(result["breasts"])  # calibrated p, fold spread, conformal set
+    # the served fold ensemble gives the calibrated p, its spread over folds and the conformal set
+    assert NOT_AVAILABLE not in text
+    for breast in result["breasts"].values():
+        assert f"{breast['p_calibrated']:.3f}" in text and f"sd {breast['p_fold_sd']:.3f}" in text
+        assert f"min-max {breast['p_fold_min']:.3f}-{breast['p_fold_max']:.3f} over 2 folds" in text
+        assert "{" + ", ".join(breast["conformal_set"]) + "}" in text and "conformal set (90 %)" in text
+        assert f"calibrated p ({breast['setting']} calibration)" in text
+        assert breast["setting"] == ("F+Ĉ" if kind == "imputed" else "F+C")
+    assert "fold 0: over views" in text and "fold 1: over views" in text  # every fold's weights
     assert "Research use only" in text and "virtual-biopsy-resnet18" in text and "champion" in text
     assert "Grad-CAM" in text and "model card" in text.lower()
     from PIL import Image
@@ -191,6 +199,20 @@ def test_calibration_spread_and_conformal_set_are_shown_when_the_model_gives_the
                                    [_breast(calibrated_p=0.612, fold_spread=0.045, conformal_set=["malignant"])]))
     assert NOT_AVAILABLE not in page
     assert "0.612" in page and "0.045" in page and "{malignant}" in page
+
+
+def test_a_model_without_calibration_says_not_available_rather_than_a_value():
+    page = render_html(StudyReport("study-000000000000", ModelIdentity("runs:/abc/model"), [_breast()]))
+    assert page.count(NOT_AVAILABLE) == 3 and "uncalibrated p" not in page
+
+
+def test_the_fold_spread_row_gives_sd_range_and_number_of_folds():
+    page = render_html(StudyReport("study-000000000000", ModelIdentity("runs:/abc/model"), [_breast(
+        calibrated_p=0.612, fold_spread=0.045, fold_range=(0.55, 0.68), n_folds=5, conformal_set=("benign", "malignant"),
+        conformal_level=0.9, p_uncalibrated=0.6, setting="F+Ĉ")]))
+    assert "sd 0.045, min-max 0.550-0.680 over 5 folds" in page
+    assert "{benign, malignant}" in page and "conformal set (90 %)" in page and "calibrated p (F+Ĉ calibration)" in page
+    assert "uncalibrated p (mean over folds)" in page and "0.600" in page
 
 
 def test_text_from_the_model_card_is_escaped_not_run():

@@ -230,6 +230,9 @@ class GateConfig:
     imputation_tolerance: float = 0.02
     champion_tolerance: float = 0.02
     generator_floors: dict[str, float] = field(default_factory=dict)
+    # Which classifiers the registered pipeline serves (issue #16): every fold's, each fused with its
+    # own weights and averaged (ensemble), or the one fold with the best validation MCC (best_fold).
+    serving: str = "ensemble"
 
 
 @dataclass(frozen=True)
@@ -544,6 +547,8 @@ def _check_values(p: Params) -> None:
         _within(f"gate.generator_floors.{metric}", floor, low, high)
     _within("gate.imputation_tolerance", gate.imputation_tolerance, 0.0, 1.0)
     _within("gate.champion_tolerance", gate.champion_tolerance, 0.0, 1.0)
+    if gate.serving not in ("ensemble", "best_fold"):
+        _fail("gate.serving", f"must be ensemble or best_fold, got {gate.serving!r}")
 
     ex = p.executor
     if ex.kind not in EXECUTOR_KINDS:

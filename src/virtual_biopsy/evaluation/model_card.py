@@ -73,14 +73,52 @@ def _ceiling_lines(ceilings: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _serving_sentence(arch: str, serving: Mapping[str, Any]) -> str:
+    folds = list(serving["folds"])
+    if serving["mode"] == "ensemble":
+        return (f"an ensemble of {len(folds)} folds ({', '.join(map(str, folds))}): each fold's four {arch} "
+                "classifiers fused with that fold's own weights, the calibrated p averaged over folds.")
+    return (f"one fold ({folds[0]}, the best validation MCC of p; gate.serving: best_fold) with its four "
+            f"{arch} classifiers and weights.")
+
+
+def _serving_lines(serving: Mapping[str, Any]) -> list[str]:
+    """Serving mode, calibration, conformal level and the generator of each view."""
+    calibration = serving["calibration"]
+    settings = calibration.get("settings", {})
+    per_setting = "; ".join(
+        f"{s}: T = {e['temperature']:.3g}, qhat = {e['qhat']:.3g}"
+        + (f" ({e['n_val']} validation lesions)" if e.get("n_val") is not None else "")
+        for s, e in settings.items() if isinstance(e, Mapping) and "temperature" in e and "qhat" in e)
+    generators = "; ".join(f"{v}: {g.get('name', v)} (fold {g.get('fold')}, policy {g.get('policy')})"
+                           for v, g in serving["generators"].items())
+    return [
+        "## Serving",
+        "",
+        f"- Folds served: {len(serving['folds'])} ({serving['mode']}); best validation fold: {serving.get('best_fold')}. "
+        "The spread between folds (sd, min, max of the folds' calibrated p) is returned with every prediction.",
+        f"- Calibration: {calibration['method']} scaling per setting, p_cal = sigmoid(logit(p) / T), applied to "
+        f"each fold's fused p before averaging; fitted on {calibration.get('fitted_on') or 'unstated'}"
+        + (f" (`{serving['calibration_file']}`)" if serving.get("calibration_file") else "") + f". {per_setting}.",
+        f"- Conformal prediction set at level {calibration['conformal_level']:.2f} (split conformal, LAC score "
+        "1 - p(true class), on the calibrated ensemble p; never empty). Setting F+C when both CESM views are "
+        "acquired, F+Ĉ when one or both are imputed.",
+        f"- Generators (one registered serving generator per view, the same in every fold): {generators}.",
+        "",
+    ]
+
+
 def model_card_markdown(*, arch: str, registered_name: str, data_version: str, simulated_share: float,
                         cohort: Mapping[str, Any], metrics: Mapping[str, Mapping[str, Any]],
                         paired: Sequence[Mapping[str, Any]], weight_warnings: Sequence[str],
-                        generator_means: Mapping[str, Mapping[str, Any]], serving_fold: int,
+                        generator_means: Mapping[str, Mapping[str, Any]], serving: Mapping[str, Any],
                         decision: str, reasons: Sequence[str],
                         ceilings: Sequence[Mapping[str, Any]] = ()) -> str:
     """The model card as markdown. ``simulated_share``: share of the data's images that are simulated;
-    ``ceilings``: F and C beside their observer ceilings (gate_checks.read_evidence)."""
+    ``ceilings``: F and C beside their observer ceilings (gate_checks.read_evidence); ``serving``:
+    how the pipeline serves (stages.gate.serving_summary: ``mode`` ensemble | best_fold, ``folds``,
+    ``best_fold``, ``calibration`` as in outputs/calibration/<arch>.json, ``calibration_file``,
+    ``generators`` per view with the registered ``name``, ``fold`` and ``policy``)."""
     simulated = simulated_share > 0
     data_note = ("**Simulated data.** Every metric below comes from the project's simulated test bed "
                  "(`vbiopsy synth`), whose physics is not fitted to real scanners: it checks the pipeline, it "
@@ -92,14 +130,17 @@ def model_card_markdown(*, arch: str, registered_name: str, data_version: str, s
     lines = [
         f"# Model card: {registered_name}",
         "",
-        f"Fused virtual-biopsy pipeline (paper Algorithm 1), {arch} classifiers of the serving fold "
-        f"{serving_fold}, per-view CycleGAN generators for missing CESM, MCC-weighted late fusion (eq. 7-8).",
+        f"Fused virtual-biopsy pipeline (paper Algorithm 1): {_serving_sentence(arch, serving)} "
+        "Per-view CycleGAN generators impute missing CESM; MCC-weighted late fusion (eq. 7-8).",
+        "",
+        *_serving_lines(serving),
         "",
         "## Intended use",
         "",
         INTENDED_USE + " Input: one breast's FFDM (low-energy) CC and MLO images, with CESM images "
         "when acquired; missing CESM views are imputed and marked synthetic. Output: p(malignant) "
-        "of the lesion and the class by max membership (p >= 0.5).",
+        "of the lesion (calibrated, the mean over the serving folds), its spread between folds, a "
+        "conformal prediction set and the class by max membership (p >= 0.5).",
         "",
         "## Data",
         "",
@@ -123,9 +164,7 @@ def model_card_markdown(*, arch: str, registered_name: str, data_version: str, s
         "",
         *_ceiling_lines(ceilings),
         "",
-        "Calibration: not assessed. p is the fused output of the classifiers, not a calibrated "
-        "probability; do not read it as a risk.",
-        "",
+
         "## Limitations",
         "",
         "- Fusion weights rest on few validation lesions per fold"

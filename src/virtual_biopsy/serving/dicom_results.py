@@ -5,10 +5,16 @@ What is written
     :func:`structured_report`
         An Enhanced SR holding a TID 1500 "Imaging Measurement Report": one measurement group
         (TID 1501) per breast with the finding site (Breast, laterality Left/Right), the fused
-        p(malignant) as a numeric measurement "Probability of cancer" (DCM 111047, unit UCUM
-        ``{ratio}``; p_F and p_C beside it when given, told apart by their method code), the class
-        as a qualitative evaluation "Impression" (DCM 121073) = Malignant (SCT 21594007) or Benign
-        (SCT 30807003), per CESM view whether it was imputed (SCT Yes/No), the algorithm
+        p(malignant) (the calibrated mean over the serving folds, what the class is decided on) as
+        a numeric measurement "Probability of cancer" (DCM 111047, unit UCUM ``{ratio}``, derivation
+        Mean when it is a fold mean; p_F, p_C and the uncalibrated p beside it when given, told
+        apart by their method code), the spread between folds as the same concept and method with
+        derivation Standard Deviation / Minimum / Maximum (CID 7464: SCT 386136009, 255605001,
+        56851009), the class as a qualitative evaluation "Impression" (DCM 121073) = Malignant
+        (SCT 21594007) or Benign (SCT 30807003), the conformal prediction set as one qualitative
+        evaluation "Class in conformal prediction set" per class in the set (Malignant / Benign)
+        with its level as a measurement "Conformal prediction set level" ({ratio}), per CESM view
+        whether it was imputed (SCT Yes/No), the algorithm
         (TID 4019: name = registered model name, version = registry version, parameter = alias),
         the breast's source images, and a "research use only" comment. Every source image is in
         the image library (TID 1600) and the evidence sequence.
@@ -20,8 +26,9 @@ What is written
         Writes the objects atomically, named ``<SR|SEG>_<SOPInstanceUID>.dcm``: no patient
         identifier in a file name.
 
-Concepts DICOM has no code for (the qualitative evaluations "CESM CC/MLO imputed" and the
-methods "fused"/"FFDM"/"CESM" of the probabilities) use the local coding scheme
+Concepts DICOM has no code for (the qualitative evaluations "CESM CC/MLO imputed" and "Class
+in conformal prediction set", the measurement "Conformal prediction set level" and the methods
+"fused"/"fused uncalibrated"/"FFDM"/"CESM" of the probabilities) use the local coding scheme
 ``99VBIOPSY`` (PS3.16 8.2: designators beginning "99" are private), declared in each SR's
 Coding Scheme Identification Sequence. The other codes come from pydicom's copy of PS3.16.
 
@@ -96,8 +103,11 @@ class ModelInfo:
 class BreastFinding:
     """One breast's result, in plain values (``finding_from_prediction`` makes one from predict's).
 
-    ``p_malignant`` is the fused probability; ``p_ffdm`` / ``p_cesm`` the per-modality ones when
-    known; ``imputed_cesm_views`` the CESM views that were synthetic (imputed from FFDM).
+    ``p_malignant`` is the fused probability (calibrated, the mean over ``n_folds`` folds when
+    given); ``p_ffdm`` / ``p_cesm`` the per-modality ones and ``p_uncalibrated`` the fused one
+    before calibration, when known; ``p_fold_sd`` / ``p_fold_min`` / ``p_fold_max`` the spread of
+    the folds' calibrated p; ``conformal_set`` the classes of the conformal prediction set at
+    ``conformal_level``; ``imputed_cesm_views`` the CESM views that were synthetic (imputed from FFDM).
     """
 
     laterality: str
@@ -106,6 +116,13 @@ class BreastFinding:
     imputed_cesm_views: tuple[str, ...] = ()
     p_ffdm: float | None = None
     p_cesm: float | None = None
+    p_uncalibrated: float | None = None
+    p_fold_sd: float | None = None
+    p_fold_min: float | None = None
+    p_fold_max: float | None = None
+    n_folds: int | None = None
+    conformal_set: tuple[str, ...] = ()
+    conformal_level: float | None = None
 
 
 @dataclass(frozen=True)
@@ -121,14 +138,24 @@ def finding_from_prediction(laterality: str, prediction: Any) -> BreastFinding:
     """A :class:`BreastFinding` from predict's per-breast result (``p``, ``label``, ``synthetic``,
     ``p_ffdm``, ``p_cesm``, as serving.fused_model.BreastPrediction holds them)."""
     synthetic = getattr(prediction, "synthetic", {}) or {}
+    folds = getattr(prediction, "p_folds", ()) or ()
+    spread = {name: _optional_float(getattr(prediction, name, None)) if folds else None
+              for name in ("p_fold_sd", "p_fold_min", "p_fold_max")}
     return BreastFinding(laterality=laterality, p_malignant=float(prediction.p), label=str(prediction.label),
                          imputed_cesm_views=tuple(v for v in CESM_VIEWS if synthetic.get(v)),
                          p_ffdm=_optional_float(getattr(prediction, "p_ffdm", None)),
-                         p_cesm=_optional_float(getattr(prediction, "p_cesm", None)))
+                         p_cesm=_optional_float(getattr(prediction, "p_cesm", None)),
+                         p_uncalibrated=_optional_float(getattr(prediction, "p_uncalibrated", None)),
+                         n_folds=len(folds) or None, **spread,
+                         conformal_set=tuple(getattr(prediction, "conformal_set", ()) or ()),
+                         conformal_level=_optional_float(getattr(prediction, "conformal_level", None)))
 
 
 def _optional_float(value: Any) -> float | None:
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    value = float(value)
+    return None if np.isnan(value) else value
 
 
 # --- codes -----------------------------------------------------------------------------------------
@@ -150,8 +177,14 @@ IMPRESSION = ("121073", "Impression")  # DCM
 GRAD_CAM = ("130403", "Gradient-weighted class activation")  # DCM, CID 217
 VISUAL_EXPLANATION = ("130401", "Visual explanation")  # DCM
 _METHODS = {"fused": ("FUSED", "MCC-weighted late fusion of FFDM and CESM"),
+            "fused_uncalibrated": ("FUSED_UNCAL", "MCC-weighted late fusion of FFDM and CESM, uncalibrated"),
             "ffdm": ("FFDM", "FFDM classifiers, MCC-weighted over views"),
             "cesm": ("CESM", "CESM classifiers, MCC-weighted over views")}
+# CID 7464 derivations of the fused p over the serving folds' calibrated p (SCT codes)
+_DERIVATIONS = {"mean": ("373098007", "Mean"), "sd": ("386136009", "Standard Deviation"),
+                "min": ("255605001", "Minimum"), "max": ("56851009", "Maximum")}
+CONFORMAL_MEMBER = ("CONFORMAL_CLASS", "Class in conformal prediction set")
+CONFORMAL_LEVEL = ("CONFORMAL_LEVEL", "Conformal prediction set level")
 
 
 def _class_code(label: str):
@@ -176,12 +209,16 @@ def _check_finding(finding: BreastFinding) -> None:
     where = f"breast {finding.laterality!r}"
     if finding.laterality not in LATERALITIES:
         raise DicomResultsError(f"{where}: laterality must be one of {LATERALITIES}")
-    for name in ("p_malignant", "p_ffdm", "p_cesm"):
+    for name in ("p_malignant", "p_ffdm", "p_cesm", "p_uncalibrated", "p_fold_sd", "p_fold_min", "p_fold_max",
+                 "conformal_level"):
         value = getattr(finding, name)
         if value is not None and not (np.isfinite(value) and 0.0 <= value <= 1.0):
             raise DicomResultsError(f"{where}: {name} = {value!r} is not a probability in [0, 1]")
     if finding.label not in CLASSES:
         raise DicomResultsError(f"{where}: class {finding.label!r} is not one of {CLASSES}")
+    strange = [c for c in finding.conformal_set if c not in CLASSES]
+    if strange:
+        raise DicomResultsError(f"{where}: conformal set classes {strange} are not among {CLASSES}")
     unknown = [v for v in finding.imputed_cesm_views if v not in CESM_VIEWS]
     if unknown:
         raise DicomResultsError(f"{where}: imputed CESM views {unknown} are not among {CESM_VIEWS}")
@@ -226,20 +263,41 @@ def _algorithm(model: ModelInfo):
                                    parameters=[f"alias={model.alias}"] if model.alias else None)
 
 
+def _sct_code(value: str, meaning: str):
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept(value, "SCT", meaning)
+
+
 def _probabilities(finding: BreastFinding, model: ModelInfo) -> list:
     from highdicom.sr import CodedConcept, Measurement
 
     unit = CodedConcept("{ratio}", "UCUM", "ratio")
-    values = {"fused": finding.p_malignant, "ffdm": finding.p_ffdm, "cesm": finding.p_cesm}
-    return [Measurement(name=_dcm_code(*PROBABILITY_OF_CANCER), value=float(value), unit=unit,
-                        method=_local_code(*_METHODS[method]), algorithm_id=_algorithm(model))
-            for method, value in values.items() if value is not None]
+
+    def probability(method: str, value: float, derivation: str | None = None):
+        return Measurement(name=_dcm_code(*PROBABILITY_OF_CANCER), value=float(value), unit=unit,
+                           method=_local_code(*_METHODS[method]), algorithm_id=_algorithm(model),
+                           derivation=_sct_code(*_DERIVATIONS[derivation]) if derivation else None)
+
+    over_folds = finding.n_folds is not None and finding.n_folds > 1
+    items = [probability("fused", finding.p_malignant, "mean" if over_folds else None)]
+    spread = {"sd": finding.p_fold_sd, "min": finding.p_fold_min, "max": finding.p_fold_max}
+    items += [probability("fused", value, derivation) for derivation, value in spread.items() if value is not None]
+    others = {"fused_uncalibrated": finding.p_uncalibrated, "ffdm": finding.p_ffdm, "cesm": finding.p_cesm}
+    items += [probability(method, value, "mean" if over_folds else None)
+              for method, value in others.items() if value is not None]
+    if finding.conformal_level is not None:
+        items.append(Measurement(name=_local_code(*CONFORMAL_LEVEL), value=float(finding.conformal_level), unit=unit,
+                                 algorithm_id=_algorithm(model)))
+    return items
 
 
 def _evaluations(finding: BreastFinding) -> list:
     from highdicom.sr import QualitativeEvaluation
 
     evaluations = [QualitativeEvaluation(_dcm_code(*IMPRESSION), _class_code(finding.label))]
+    evaluations += [QualitativeEvaluation(_local_code(*CONFORMAL_MEMBER), _class_code(c))
+                    for c in finding.conformal_set]
     for view in CESM_VIEWS:
         answer = codes.SCT.Yes if view in finding.imputed_cesm_views else codes.SCT.No
         evaluations.append(QualitativeEvaluation(_imputed_concept(view), answer))
@@ -250,8 +308,11 @@ def _comment(finding: BreastFinding):
     from highdicom.sr import RelationshipTypeValues, TextContentItem
 
     imputed = ", ".join(finding.imputed_cesm_views) or "none"
+    folds = f" p is the calibrated mean over {finding.n_folds} fold models." if finding.n_folds else ""
+    conformal = (f" Conformal set at level {finding.conformal_level:.2f}: {{{', '.join(finding.conformal_set)}}}."
+                 if finding.conformal_set and finding.conformal_level is not None else "")
     return TextContentItem(name=codes.DCM.Comment, relationship_type=RelationshipTypeValues.CONTAINS,
-                           value=f"{RESEARCH_USE_ONLY} Imputed CESM views: {imputed}.")
+                           value=f"{RESEARCH_USE_ONLY} Imputed CESM views: {imputed}.{folds}{conformal}")
 
 
 def _measurement_group(finding: BreastFinding, sources: Sequence[Dataset], model: ModelInfo, study_uid: str):

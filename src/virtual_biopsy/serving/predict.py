@@ -4,14 +4,19 @@
                               [--report DIR]
 
 Reads every ``*.dcm`` under STUDY_DIR, groups the images by breast (ImageLaterality), preprocesses
-them with the preprocess stage's code at the pipeline's image size, runs Algorithm 1 per breast and
-prints, per breast, p_F, p_C, p, the class and which CESM views were imputed. ``--out`` writes each
+them with the preprocess stage's code at the pipeline's image size, runs Algorithm 1 per breast over
+every serving fold (serving/fused_model.py) and prints, per breast, the calibrated p (the mean over
+folds, what the class is decided on) with the spread between folds (sd, min-max), the uncalibrated
+p, the conformal set at its level, the calibration setting (F+C, or F+Ĉ when a CESM view was
+imputed), p_F, p_C, the class and which CESM views were imputed. ``--out`` writes each
 imputed CESM view as a DICOM object marked synthetic in its FFDM source's geometry (rows, columns,
 pixel spacing, orientation; ``vbiopsy impute --dicom-out``'s writer, serving/synthetic_cesm.py),
 ``--json`` the result as JSON. ``--report`` writes one self-contained HTML page per study
 (serving/report.py): the four views with synthetic CESM marked, each classifier's Grad-CAM
-(serving/saliency.py), the probabilities, the class, the imputed inputs, the fusion weights and
-the model's name, version, aliases and card. The page and its file name (``<study key>.html``, a
+(serving/saliency.py; with several folds the mean of the folds' maps, and the classifier's mean
+share of p), the probabilities, the calibrated p with its fold spread and conformal set, the
+class, the imputed inputs, the fusion weights per fold and the model's name, version, aliases
+and card. The page and its file name (``<study key>.html``, a
 hash of the StudyInstanceUID) carry no patient name or id, no original UID and no file name.
 Errors name the file: a non-DICOM or non-mammography file, two patients in one study, a breast
 without an FFDM image of a view, a ``--report`` target that is a file.
@@ -28,6 +33,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 DEFAULT_ARCH = "resnet18"
 
@@ -169,7 +176,11 @@ def write_imputed(fused, breasts: dict[str, BreastStudy], results: dict[str, Any
 
 def report_json(patient: str, uri: str, results: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     return {"patient_id": patient, "model": uri, "notes": notes, "breasts": {
-        lat: {"p_ffdm": r.p_ffdm, "p_cesm": r.p_cesm, "p": r.p, "class": r.label,
+        lat: {"p": r.p, "p_calibrated": r.p_calibrated, "p_uncalibrated": r.p_uncalibrated,
+              "p_fold_sd": r.p_fold_sd, "p_fold_min": r.p_fold_min, "p_fold_max": r.p_fold_max,
+              "p_folds": dict(zip(map(str, r.folds), r.p_folds)), "conformal_set": list(r.conformal_set),
+              "conformal_level": r.conformal_level, "setting": r.setting,
+              "p_ffdm": r.p_ffdm, "p_cesm": r.p_cesm, "class": r.label,
               "imputed_cesm": [v for v, s in r.synthetic.items() if s], "per_classifier": r.per_input}
         for lat, r in results.items()}}
 
@@ -180,8 +191,13 @@ def report_text(report: dict[str, Any]) -> str:
     names = {"L": "left", "R": "right"}
     for lat, r in report["breasts"].items():
         imputed = ", ".join(r["imputed_cesm"]) or "none (both CESM views acquired)"
-        lines += [f"  {names[lat]} breast: {r['class'].upper()}  p = {r['p']:.3f}",
-                  f"    p_F (FFDM) = {r['p_ffdm']:.3f}   p_C (CESM) = {r['p_cesm']:.3f}",
+        folds = len(r["p_folds"])
+        lines += [f"  {names[lat]} breast: {r['class'].upper()}  p = {r['p_calibrated']:.3f} (calibrated, {r['setting']}; "
+                  f"mean of {folds} fold{'s' if folds != 1 else ''}: sd {r['p_fold_sd']:.3f}, "
+                  f"min-max {r['p_fold_min']:.3f}-{r['p_fold_max']:.3f})",
+                  f"    conformal set ({100 * r['conformal_level']:.0f} %): {{{', '.join(r['conformal_set'])}}}"
+                  f"   uncalibrated p = {r['p_uncalibrated']:.3f}",
+                  f"    p_F (FFDM) = {r['p_ffdm']:.3f}   p_C (CESM) = {r['p_cesm']:.3f}  (uncalibrated, fold means)",
                   f"    imputed CESM views: {imputed}"]
     lines += [f"  note: {n}" for n in report["notes"]]
     lines.append("  (research use only; synthetic CESM is not an acquired image)")
@@ -193,12 +209,27 @@ def report_text(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 def study_saliency(fused, images: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     """Grad-CAM of each classifier on the images it scored (CESM: acquired or imputed), per breast:
-    {laterality: {(modality, view): ClassifierSaliency}} in the processed geometry."""
+    {laterality: {(modality, view): ClassifierSaliency}} in the processed geometry.
+
+    With several serving folds, a classifier's map is the mean of its folds' maps and its share of
+    p the mean of its folds' shares: p is the mean of the folds' (calibrated) fused p, so that
+    is how much of the ensemble's decision the classifier of that modality and view carries."""
+    from dataclasses import replace
+
     from virtual_biopsy.serving.saliency import pipeline_saliency
 
     order = list(results)
-    maps = pipeline_saliency(fused, [images[lat].ffdm for lat in order], [results[lat].cesm_images for lat in order])
-    return dict(zip(order, maps))
+    ffdm, cesm = [images[lat].ffdm for lat in order], [results[lat].cesm_images for lat in order]
+    per_fold = [pipeline_saliency(fold, ffdm, cesm) for fold in fused.folds]
+    combined = []
+    for i in range(len(order)):
+        maps = {}
+        for key, first in per_fold[0][i].items():
+            folds = [f[i][key] for f in per_fold]
+            maps[key] = replace(first, processed=np.mean([m.processed for m in folds], axis=0).astype(np.float32),
+                                fusion_share=float(np.mean([m.fusion_share for m in folds])))
+        combined.append(maps)
+    return dict(zip(order, combined))
 
 
 def generator_label(fused, view: str) -> str:
@@ -286,11 +317,15 @@ def study_page(fused, breasts: dict[str, BreastStudy], images: dict[str, Any], r
         panels = [_panel(fused, breast, shown, result, saliency[lat], modality, view)
                   for view in ("CC", "MLO")
                   for modality, shown in (("FFDM", images[lat].ffdm[view]), ("CESM", result.cesm_images[view]))]
-        # BreastPrediction has no calibrated p, fold spread or conformal set yet (issue #16): the
-        # page's rows for them say "not available for this model" until the served model gives them.
         sections.append(BreastReport(lat, result.p, result.p_ffdm, result.p_cesm, result.label,
                                      [v for v, s in result.synthetic.items() if s], panels,
-                                     fused.view_weights, fused.modality_weights))
+                                     fused.folds[0].view_weights, fused.folds[0].modality_weights,
+                                     calibrated_p=result.p_calibrated, fold_spread=result.p_fold_sd,
+                                     conformal_set=result.conformal_set, p_uncalibrated=result.p_uncalibrated,
+                                     fold_range=(result.p_fold_min, result.p_fold_max),
+                                     n_folds=len(result.p_folds), conformal_level=result.conformal_level,
+                                     setting=result.setting,
+                                     fold_weights=[(f.fold, f.view_weights, f.modality_weights) for f in fused.folds]))
     uids = [str(ds.get("StudyInstanceUID", "")) for b in breasts.values() for ds in (*b.ffdm.values(), *b.cesm.values())]
     return StudyReport(study_key(uids), model, sections, tuple(notes))
 
@@ -305,7 +340,8 @@ def _saliency_source(breast: BreastStudy, result, modality: str, view: str):
 def dicom_results(fused, breasts: dict[str, BreastStudy], results: dict[str, Any], saliency: dict[str, Any],
                   model) -> list:
     """The study's DICOM results (serving/dicom_results.py): one TID 1500 Structured Report with
-    p, class and imputed views per breast, and one Grad-CAM map per breast and classifier, each
+    the calibrated p, its fold spread, the conformal set, the class and imputed views per breast,
+    and one Grad-CAM map per breast and classifier, each
     lying over the image its classifier read (FRACTIONAL Segmentation, see that module)."""
     from virtual_biopsy.data.source_geometry import SourceGeometry
     from virtual_biopsy.serving import dicom_results as dr

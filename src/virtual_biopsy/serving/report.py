@@ -5,10 +5,12 @@ What it shows, per breast
     put back in each source image's orientation; a CESM view the generator made carries a red
     "SYNTHETIC -- imputed from FFDM by <generator>" banner; a second row lays each classifier's
     Grad-CAM over its image (serving/saliency.py) with that classifier's probability and share of
-    the fused p (a share of 0: it contributed nothing); then p, p_F, p_C, the class by maximum
-    membership (malignant when p >= 1 - p), which inputs were imputed and the fusion weights.
-    Calibrated p, the spread between folds and the conformal set have their own rows, which say
-    "not available for this model" until the served model provides them (never a made-up value).
+    the fused p (a share of 0: it contributed nothing); then the calibrated p (the mean over the
+    serving folds, what the class is decided on) with the spread between folds (sd and
+    min-max over the folds' calibrated p) and the conformal set at its level, the uncalibrated
+    p, p_F, p_C, the class by maximum membership (malignant when p >= 1 - p), which inputs were
+    imputed and the fusion weights of every fold. A value the model does not provide (a
+    BreastReport built without it) is shown as "not available for this model", never made up.
 
 What it shows about the model
     name, version and alias (as predict resolved the URI), a link to the registry version's page
@@ -69,8 +71,12 @@ class ViewPanel:
 
 @dataclass(frozen=True)
 class BreastReport:
-    """What the page says about one breast. ``calibrated_p``, ``fold_spread`` (e.g. the standard
-    deviation of p over fold models) and ``conformal_set`` stay None until a model provides them."""
+    """What the page says about one breast. ``p`` is the probability the class is decided on (the
+    calibrated ensemble p when the model is calibrated); ``calibrated_p``, ``fold_spread`` (the
+    population sd of the folds' calibrated p), ``fold_range`` (their min, max), ``n_folds``,
+    ``conformal_set`` with ``conformal_level``, ``p_uncalibrated`` and ``setting`` (the
+    calibration entry, F+C or F+Ĉ) are None when the model does not provide them;
+    ``fold_weights`` lists (fold, eq. 7 weights, eq. 8 weights) of every serving fold."""
 
     laterality: str
     p: float
@@ -84,6 +90,12 @@ class BreastReport:
     calibrated_p: float | None = None
     fold_spread: float | None = None
     conformal_set: Sequence[str] | None = None
+    p_uncalibrated: float | None = None
+    fold_range: tuple[float, float] | None = None
+    n_folds: int | None = None
+    conformal_level: float | None = None
+    setting: str | None = None
+    fold_weights: Sequence[tuple[int, dict[str, dict[str, float]], dict[str, float]]] = ()
 
 
 @dataclass(frozen=True)
@@ -240,11 +252,32 @@ def _views(breast: BreastReport) -> str:
             f'<h3>Grad-CAM for the malignant class, per classifier</h3><div class="views">{maps}</div>')
 
 
-def _weights(breast: BreastReport) -> str:
-    views = "; ".join(f"{m}: " + ", ".join(f"{v} {w:.3g}" for v, w in ws.items())
-                      for m, ws in breast.view_weights.items())
-    modalities = ", ".join(f"{m} {w:.3g}" for m, w in breast.modality_weights.items())
+def _weight_text(view_weights: dict[str, dict[str, float]], modality_weights: dict[str, float]) -> str:
+    views = "; ".join(f"{m}: " + ", ".join(f"{v} {w:.3g}" for v, w in ws.items()) for m, ws in view_weights.items())
+    modalities = ", ".join(f"{m} {w:.3g}" for m, w in modality_weights.items())
     return f"over views (eq. 7) {views}; over modalities (eq. 8) {modalities}"
+
+
+def _weights(breast: BreastReport) -> str:
+    if len(breast.fold_weights) > 1:
+        return " | ".join(f"fold {fold}: {_weight_text(views, modalities)}"
+                          for fold, views, modalities in breast.fold_weights)
+    return _weight_text(breast.view_weights, breast.modality_weights)
+
+
+def _spread(breast: BreastReport) -> str | None:
+    if breast.fold_spread is None:
+        return None
+    text = f"sd {breast.fold_spread:.3f}"
+    if breast.fold_range is not None:
+        text += f", min-max {breast.fold_range[0]:.3f}-{breast.fold_range[1]:.3f}"
+    if breast.n_folds is not None:
+        text += f" over {breast.n_folds} fold{'s' if breast.n_folds != 1 else ''}"
+    return text
+
+
+def _value_or_na(text: str | None) -> str:
+    return _e(text) if text is not None else _not_available()
 
 
 def _breast_section(breast: BreastReport) -> str:
@@ -261,11 +294,14 @@ def _breast_section(breast: BreastReport) -> str:
              f"{breast.p_cesm:.3f}"),
         _row("class (maximum membership)",
              f"{label} (p(malignant) {breast.p:.3f} vs p(benign) {1 - breast.p:.3f})"),
-        _row("calibrated p", f"{breast.calibrated_p:.3f}" if breast.calibrated_p is not None else _not_available(),
-             raw=True),
-        _row("fold spread", f"{breast.fold_spread:.3f}" if breast.fold_spread is not None else _not_available(),
-             raw=True),
-        _row("conformal set", _e(conformal) if conformal is not None else _not_available(), raw=True),
+        _row("calibrated p" + (f" ({breast.setting} calibration)" if breast.setting else ""),
+             _value_or_na(f"{breast.calibrated_p:.3f}" if breast.calibrated_p is not None else None), raw=True),
+        _row("fold spread", _value_or_na(_spread(breast)), raw=True),
+        _row("conformal set" + (f" ({100 * breast.conformal_level:.0f} %)" if breast.conformal_level else ""),
+             _value_or_na(conformal), raw=True),
+        # an older model has no uncalibrated p beside its p: no row then (p is what it gave)
+        *([_row("uncalibrated p (mean over folds)", f"{breast.p_uncalibrated:.3f}")]
+          if breast.p_uncalibrated is not None else []),
         _row("imputed inputs", imputed),
         _row("fusion weights", _weights(breast)),
     ])

@@ -4,17 +4,21 @@
 
 Per architecture in ``classifier.architectures``:
 
-1. assemble the candidate (:func:`build_candidate`): the serving fold is the one whose fused
-   output p has the best *validation* MCC (outputs/predictions, real CESM; ties: lowest fold),
-   with that fold's four classifiers (models/classifier/...) and its eq. 7/8 weights as the
-   evaluation computes them; the generators are each view's serving generator
-   (models/generator/<VIEW>/serving.pt);
+1. assemble the candidate (:func:`build_candidate`): with ``gate.serving: ensemble`` (default)
+   every fold's four classifiers (models/classifier/...), each fold with its own eq. 7/8 weights
+   as the evaluation computes them from that fold's validation predictions; with
+   ``best_fold`` the one fold whose fused output p has the best *validation* MCC
+   (outputs/predictions, real CESM; ties: lowest fold). The generators are each view's serving
+   generator (models/generator/<VIEW>/serving.pt), one per view in both modes; the calibration
+   (temperature and conformal qhat per setting) is outputs/calibration/<arch>.json of the
+   evaluate stage;
 2. run the checks of :mod:`virtual_biopsy.evaluation.gate_checks` on reports/metrics.json, reports/generator,
    reports/validation/metrics.json, reports/split/summary.json and the current champion;
 3. log the pyfunc in a ``gate`` stage run, register it as a new version of
    ``virtual-biopsy-<arch>``, point ``challenger`` at it, record every check on the version's tags
    and the run, and move ``champion`` to it only when every check passed;
-4. write reports/gate.json: per architecture the registered model's name, the serving fold, the
+4. write reports/gate.json: per architecture the registered model's name, the serving mode and
+   folds (and the best validation fold), the
    decision, its reasons and every check. Registry version numbers (the new version, the
    champion, the previous champion) are the store's counts, not results of the run: they are
    printed, set as the stage run's tags (``<arch>.version``, ...) and logged with the rest as
@@ -73,10 +77,39 @@ def read_gate_predictions(paths: ProjectPaths, arch: str):
         raise GateInputError(str(exc)) from exc
 
 
+def calibration_file(paths: ProjectPaths, arch: str) -> Path:
+    """outputs/calibration/<arch>.json: the evaluate stage's temperature and conformal qhat per setting."""
+    return paths.root / "outputs" / "calibration" / f"{arch}.json"
+
+
+def _fold_classifiers(paths: ProjectPaths, arch: str, fold: dict[str, Any]) -> fused_model.FoldClassifiers:
+    weights = fold["weights"]
+    return fused_model.FoldClassifiers(
+        arch, int(fold["fold"]),
+        {(m, v): load_classifier(paths.classifier_weights(arch, m, v, fold["fold"]))[0] for m in MODALITIES for v in VIEWS},
+        {m: {v: float(w) for v, w in weights.views[m].weights.items()} for m in MODALITIES},
+        {m: float(w) for m, w in weights.modalities.weights.items()})
+
+
+def _fold_record(fold: dict[str, Any]) -> dict[str, Any]:
+    weights = fold["weights"]
+    return {"fold": fold["fold"], "val_mcc": fold["val_mcc"],
+            "validation_mcc": {**{f"{m}_{v}": weights.views[m].mcc[v] for m in MODALITIES for v in VIEWS},
+                               **{m: weights.modalities.mcc[m] for m in MODALITIES}},
+            "view_weights": {m: {v: float(w) for v, w in weights.views[m].weights.items()} for m in MODALITIES},
+            "modality_weights": {m: float(w) for m, w in weights.modalities.weights.items()}}
+
+
 def build_candidate(paths: ProjectPaths, params: Params, arch: str, predictions) -> fused_model.FusedPipeline:
     """Assemble the fused pipeline of ``arch`` from the stages' outputs (module docstring, step 1)."""
     folds = fold_validation(predictions, arch, VIEWS)
     chosen = serving_fold(folds)
+    serving = params.gate.serving
+    served = folds if serving == "ensemble" else [chosen]
+    try:
+        calibration = fused_model.read_calibration(calibration_file(paths, arch))
+    except fused_model.BundleError as exc:
+        raise GateInputError(str(exc)) from exc
     generators, generator_info = {}, {}
     for view in VIEWS:
         generators[view], info = load_generator_weights(paths.serving_generator(view))
@@ -85,17 +118,12 @@ def build_candidate(paths: ProjectPaths, params: Params, arch: str, predictions)
     if sizes - {params.preprocess.image_size}:
         raise GateInputError(f"generators were trained at {sorted(sizes)} px but preprocess.image_size is "
                              f"{params.preprocess.image_size}: rerun train_generator")
-    classifiers = {(m, v): load_classifier(paths.classifier_weights(arch, m, v, chosen["fold"]))[0]
-                   for m in MODALITIES for v in VIEWS}
-    weights = chosen["weights"]
-    info = {"serving_fold": chosen["fold"], "fold_val_mcc": {f["fold"]: f["val_mcc"] for f in folds},
-            "validation_mcc": {**{f"{m}_{v}": weights.views[m].mcc[v] for m in MODALITIES for v in VIEWS},
-                               **{m: weights.modalities.mcc[m] for m in MODALITIES}},
-            "generators": generator_info}
-    return fused_model.FusedPipeline(
-        arch, params.preprocess.image_size, generators, classifiers,
-        {m: {v: float(w) for v, w in weights.views[m].weights.items()} for m in MODALITIES},
-        {m: float(w) for m, w in weights.modalities.weights.items()}, info)
+    info = {"serving": serving, "serving_folds": [int(f["fold"]) for f in served],
+            "best_fold": chosen["fold"], "fold_val_mcc": {f["fold"]: f["val_mcc"] for f in folds},
+            "folds": [_fold_record(f) for f in served], "generators": generator_info,
+            "calibration_file": str(calibration_file(paths, arch).relative_to(paths.root))}
+    return fused_model.FusedPipeline(arch, params.preprocess.image_size, generators,
+                                     [_fold_classifiers(paths, arch, f) for f in served], calibration, info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +154,15 @@ def log_decision(run, decision: gate_checks.GateDecision) -> None:
     run.log_dict(decision.to_json(), "gate/decision.json")
 
 
+def serving_summary(candidate: fused_model.FusedPipeline) -> dict[str, Any]:
+    """What the model card says about how the candidate serves: mode, folds, calibration, generators."""
+    return {"mode": candidate.serving, "folds": [f.fold for f in candidate.folds],
+            "best_fold": candidate.info.get("best_fold"), "calibration": candidate.calibration.to_json(),
+            "calibration_file": candidate.info.get("calibration_file"),
+            "generators": {v: {"name": registry.generator_model_name(v), **(candidate.info["generators"].get(v) or {})}
+                           for v in VIEWS}}
+
+
 def gate_architecture(paths: ProjectPaths, params: Params, arch: str, run, cards: Path) -> dict[str, Any]:
     """Steps 1-3 of the module docstring for one architecture, its model card into the folder
     ``cards``; returns its gate.json entry."""
@@ -141,10 +178,11 @@ def gate_architecture(paths: ProjectPaths, params: Params, arch: str, run, cards
         arch=arch, registered_name=name, data_version=data_version,
         simulated_share=gate_checks.simulated_share(paths), cohort=cohort_counts(predictions, arch),
         metrics=reports["metrics"], paired=evidence["paired_tests"], weight_warnings=evidence["weight_warnings"],
-        generator_means=reports["generator_means"], serving_fold=candidate.info["serving_fold"],
+        generator_means=reports["generator_means"], serving=serving_summary(candidate),
         decision=decision.decision, reasons=decision.reasons, ceilings=evidence["ceilings"])
     write_text(cards / paths.model_card(arch).name, card)
-    tags = {"arch": arch, "serving_fold": candidate.info["serving_fold"], **run.context,
+    tags = {"arch": arch, "serving": candidate.serving,
+            "serving_folds": ",".join(str(f.fold) for f in candidate.folds), **run.context,
             **metric_tags(reports["metrics"]), **decision_tags(decision), **gate_checks.evidence_tags(evidence)}
     version = register_candidate(run, candidate, tags, card)
     registry.set_alias(name, registry.CHALLENGER, version, paths.root)
@@ -154,7 +192,8 @@ def gate_architecture(paths: ProjectPaths, params: Params, arch: str, run, cards
     log_decision(run, decision)
     run.set_tags(gate_checks.evidence_tags(evidence))
     return {"registered_model": name, "version": version, "champion": registry.get_alias(name, registry.CHAMPION,
-            paths.root), "previous_champion": previous, "serving_fold": candidate.info["serving_fold"],
+            paths.root), "previous_champion": previous, "serving": candidate.serving,
+            "serving_folds": [f.fold for f in candidate.folds], "best_fold": candidate.info["best_fold"],
             **decision.to_json(), "evidence": evidence}
 
 
@@ -186,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{STAGE}: {exc}", file=sys.stderr)
         return 1
     for arch, entry in report.items():
-        line = f"{STAGE} {arch}: {entry['registered_model']} v{entry['version']} {entry['decision']}"
+        line = (f"{STAGE} {arch}: {entry['registered_model']} v{entry['version']} ({entry['serving']} of fold(s) "
+                f"{', '.join(map(str, entry['serving_folds']))}) {entry['decision']}")
         if entry["decision"] == gate_checks.PROMOTED:
             print(f"{line} -> @champion (previous champion: {entry['previous_champion'] or 'none'})")
         else:
