@@ -92,3 +92,15 @@ def test_a_dataset_without_a_bilateral_patient_is_refused(tiny_raw, tmp_path):
     meta[meta["laterality"] == "R"].to_csv(tmp_path / "metadata.csv", index=False)
     with pytest.raises(ValueError, match="no patient with both breasts imaged"):
         bench.study_files(tmp_path, breasts=2)
+
+
+def test_the_timed_pipeline_is_the_served_fold_ensemble_with_one_generator_per_view():
+    import torch
+
+    fused = bench.untrained_pipeline("resnet18", 32, bench.GeneratorSize("cpu", 4, 1), folds=5)
+    assert [f.fold for f in fused.folds] == [0, 1, 2, 3, 4] and fused.serving == "ensemble"
+    assert sorted(fused.generators) == ["CC", "MLO"]
+    first, second = (next(f.classifiers["FFDM", "CC"].parameters()) for f in fused.folds[:2])
+    assert not torch.equal(first, second)  # each fold its own networks
+    assert bench.untrained_pipeline("resnet18", 32, bench.GeneratorSize("cpu", 4, 1), folds=1).serving == "best_fold"
+    assert "5 folds" in bench.ensemble_note(5) and "best_fold" in bench.ensemble_note(1)

@@ -63,6 +63,25 @@ def test_predict_imputes_nothing_when_the_study_has_cesm(gated_project, tiny_raw
     assert vbiopsy(["predict", str(study), "--root", str(gated_project), "--json", "-"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert all(b["imputed_cesm"] == [] for b in report["breasts"].values())
+    assert all(b["setting"] == "F+C" for b in report["breasts"].values())
+
+
+def test_predict_prints_the_calibrated_p_with_its_fold_spread_and_conformal_set(gated_project, tiny_raw, tmp_path,
+                                                                                 capsys):
+    study = _study(tiny_raw, tmp_path, energies=("LE",))
+    assert vbiopsy(["predict", str(study), "--root", str(gated_project), "--json", str(tmp_path / "r.json")]) == 0
+    text = capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    for breast in report["breasts"].values():
+        assert breast["p"] == breast["p_calibrated"] and len(breast["p_folds"]) == 2  # the fixture's two folds
+        assert breast["p_fold_min"] <= breast["p"] <= breast["p_fold_max"]
+        assert breast["class"] == ("malignant" if breast["p_calibrated"] >= 0.5 else "benign")
+        assert breast["setting"] == "F+Ĉ" and breast["conformal_level"] == 0.9
+        assert set(breast["conformal_set"]) <= {"benign", "malignant"} and breast["conformal_set"]
+        assert (f"p = {breast['p_calibrated']:.3f} (calibrated, F+Ĉ; mean of 2 folds: sd {breast['p_fold_sd']:.3f}, "
+                f"min-max {breast['p_fold_min']:.3f}-{breast['p_fold_max']:.3f})") in text
+        assert f"conformal set (90 %): {{{', '.join(breast['conformal_set'])}}}" in text
+        assert f"uncalibrated p = {breast['p_uncalibrated']:.3f}" in text
 
 
 def test_predict_refuses_a_study_mixing_two_patients(gated_project, tiny_raw, tmp_path, capsys):

@@ -97,6 +97,15 @@ def test_served_champion_answers_a_scoring_request_with_the_same_p(served, gated
         local = mlflow.pyfunc.load_model(URI).predict(pd.DataFrame(rows, columns=COLUMNS))
     assert [r["p"] for r in predictions] == pytest.approx(local["p"].tolist(), abs=1e-6)
     assert [r["cesm_cc_synthetic"] for r in predictions] == [False, True]
+    # the served answer carries the calibrated p, the fold spread, the conformal set and the imputed flags
+    assert list(predictions[0]) == list(fused_model.OUTPUT_COLUMNS)
+    for served, row in zip(predictions, local.to_dict("records")):
+        for column in ("p_calibrated", "p_uncalibrated", "p_fold_sd", "p_fold_min", "p_fold_max", "conformal_level"):
+            assert served[column] == pytest.approx(row[column], abs=1e-6)
+        assert (served["conformal_set"], served["setting"], served["n_folds"]) == \
+            (row["conformal_set"], row["setting"], row["n_folds"])
+    assert [(r["setting"], r["imputed_cc"], r["imputed_mlo"]) for r in predictions] == \
+        [("F+C", False, False), ("F+Ĉ", True, True)]
 
 
 IMAGES = _images(4)
