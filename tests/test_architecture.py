@@ -485,7 +485,9 @@ def static_params_use(definition: str) -> tuple[set[str], set[str], list[str]]:
                     continue
                 call = parent if isinstance(parent, ast.Call) else parents.get(parent)
                 callee = _call_name(call) if isinstance(call, ast.Call) else None
-                if callee is None or callee not in holders_by_name | logging:
+                # executor.job(name, function, params=...) defers a call of a job function, which
+                # declares Params and is scanned where it is defined
+                if callee is None or callee not in holders_by_name | logging | {"job"}:
                     unfollowed.append(f"{MODULES[m]}:{node.lineno} {func.name} hands params to "
                                       f"{callee or 'an expression'}")
     return keys, whole, unfollowed
@@ -498,5 +500,7 @@ def test_training_stage_code_reads_only_declared_params(definition):
     assert keys or whole, f"{definition}: found no params use at all (is the scan working?)"
     assert unfollowed == [], "the scan cannot follow these; give the callee a Params annotation or pass a section"
     assert sorted(k for k in keys if not _covered(k, stage.params)) == []
-    assert sorted(s for s in whole if s not in stage.params) == [], (
+    # executor (where fold jobs run) is deliberately no stage's param: the outputs are the same bytes
+    # whichever executor runs them (tests/test_executor.py)
+    assert sorted(s for s in whole if s not in stage.params and s != "executor") == [], (
         f"{definition} hands these sections on whole: any of their keys can matter, declare the section")

@@ -123,10 +123,10 @@ def run_train_classifier(paths: ProjectPaths, params: Params, arch: str, modalit
             fold_run = children.start(f"{which.label} fold {fold}", tags={**which.tags, "fold": fold})
             log_fold_inputs(fold_run, paths, params, which, fold, real_parts, synthetic_parts)
             fold_runs.append(fold_run)
-            jobs.append(executor.Job(f"{STAGE} {which.label} fold {fold}", classifier_fold_job, kwargs=dict(
-                paths=paths, params=params, which=which, fold=fold, real=real_parts, synthetic=synthetic_parts,
-                run=fold_run.handover(), device=device if in_process else requested, out_dir=staged,
-                epoch_callback=epoch_callback)))
+            jobs.append(executor.job(
+                f"{STAGE} {which.label} fold {fold}", classifier_fold_job, paths=paths, params=params, which=which,
+                fold=fold, real=real_parts, synthetic=synthetic_parts, run=fold_run.handover(),
+                device=device if in_process else requested, out_dir=staged, epoch_callback=epoch_callback))
         outcomes = executor.run_jobs(jobs, config, on_done=lambda i, error: children.end(fold_runs[i], error))
         summary = {**which.tags, **summarize_classifier_folds(outcomes)}
         if not main_process:

@@ -124,9 +124,9 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
             fold_run = children.start(f"fold-{fold}", tags={"view": view, "fold": fold})
             log_fold_inputs(fold_run, paths, params, view, fold, subsets)
             fold_runs.append(fold_run)
-            jobs.append(executor.Job(f"{STAGE} {view} fold {fold}", generator_fold_job, kwargs=dict(
-                paths=paths, params=params, view=view, fold=fold, subsets=subsets, run=fold_run.handover(),
-                device=device if in_process else requested, out_dir=staged)))
+            jobs.append(executor.job(
+                f"{STAGE} {view} fold {fold}", generator_fold_job, paths=paths, params=params, view=view, fold=fold,
+                subsets=subsets, run=fold_run.handover(), device=device if in_process else requested, out_dir=staged))
         outcomes = executor.run_jobs(jobs, config, on_done=lambda i, error: children.end(fold_runs[i], error))
         state, serving = serving_generator(paths, params, view, images, pairs, folds, outcomes, device)
         if not main_process:

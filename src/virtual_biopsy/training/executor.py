@@ -62,6 +62,12 @@ class Job:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
+def job(name: str, function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Job:
+    """``Job(name, function, args, kwargs)``, written as the call it stands for:
+    ``job("pretrain_generator CC", pretrain_job, paths, params, view="CC")``."""
+    return Job(name, function, args, kwargs)
+
+
 class JobFailed(RuntimeError):
     """A job failed with an exception that cannot be rebuilt under its own type, or its worker died
     more often than ``ray.max_retries`` allows."""
@@ -297,5 +303,5 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-__all__ = ["IN_PROCESS", "RAY_ADDRESS_ENV", "Job", "JobFailed", "effective_config", "ray_address",
+__all__ = ["IN_PROCESS", "RAY_ADDRESS_ENV", "Job", "JobFailed", "effective_config", "job", "ray_address",
            "ray_connection", "report_epoch", "run_job", "run_jobs"]
