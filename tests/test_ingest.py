@@ -138,6 +138,18 @@ def test_header_only_read_leaves_native_pixels_in_the_file_and_reads_them_exactl
     np.testing.assert_array_equal(read_pixels(header), _as_pydicom_reads_it(pydicom.dcmread(tmp_path / "edited.dcm")))
 
 
+@pytest.mark.parametrize("edit", _NATIVE_EDITS, ids=_NATIVE_EDIT_IDS)
+def test_pixels_read_into_a_mirrored_region_of_a_larger_array_are_the_same_values(tiny_raw, edit):
+    ds = read_dataset(_files(tiny_raw, "*LOW_ENERGY.dcm")[0])
+    edit(ds)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    canvas = np.full((rows + 4, cols + 7), -1.0, dtype=np.float32)
+    region = canvas[2:2 + rows, 5:5 + cols][:, ::-1]
+    assert read_pixels(ds, out=region) is region
+    np.testing.assert_array_equal(region, read_pixels(ds))
+    assert (canvas[:2] == -1).all() and (canvas[:, :5] == -1).all()  # nothing written outside the region
+
+
 def test_header_only_read_still_finds_a_file_cut_short_in_its_pixel_data(tiny_raw, tmp_path):
     source = _files(tiny_raw, "*LOW_ENERGY.dcm")[0]
     (tmp_path / "cut.dcm").write_bytes(source.read_bytes()[:-1000])

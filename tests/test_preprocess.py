@@ -17,7 +17,9 @@ from virtual_biopsy.data.preprocess import (
     BACKGROUND_STRIP,
     chest_wall_on_left,
     contrast_stretch,
+    mask_coverage,
     pad_to_square,
+    preprocess_dataset,
     preprocess_file,
     preprocess_pixels,
     resize_square,
@@ -142,6 +144,44 @@ def test_preprocessing_one_image_after_another_of_other_sizes_gives_each_its_own
         assert result.shape == (SIZE, SIZE) and not np.shares_memory(result, first)
         assert np.abs(result - fresh).max() < 0.05  # its own image (background strip aside), not a neighbour's
     assert not np.array_equal(results[0], first)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mask_coverage_from_the_lesion_rows_equals_resizing_the_whole_padded_mask(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(25):
+        rows, cols = (int(n) for n in rng.integers(20, 300, size=2))
+        mask = np.zeros((rows, cols), dtype=bool)
+        top, left = int(rng.integers(0, rows)), int(rng.integers(0, cols))
+        mask[top: top + int(rng.integers(1, rows)), left: left + int(rng.integers(1, cols))] = True
+        mask &= rng.random(mask.shape) < rng.choice([0.5, 1.0])
+        chest_wall_left, size = bool(rng.integers(2)), int(rng.choice([8, 32, 64, 256]))
+        whole = resize_square(pad_to_square(mask[:, ::-1] if chest_wall_left else mask, 0.0).astype(np.float32), size)
+        np.testing.assert_array_equal(mask_coverage(mask, chest_wall_left, size), whole)
+
+
+def _wide_variant(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The same pixels transposed: wider than tall, so padding goes top and bottom."""
+    wide = ds.copy()
+    wide.PixelData = np.ascontiguousarray(ds.pixel_array.T).tobytes()
+    wide.Rows, wide.Columns = ds.Columns, ds.Rows
+    return wide
+
+
+@pytest.mark.parametrize("laterality", ["L", "R"])
+@pytest.mark.parametrize("shape", ["tall", "wide"])
+def test_preprocessing_a_dataset_equals_preprocessing_its_pixels(tiny_raw, laterality, shape):
+    """preprocess_dataset reads the pixels straight into the padded square; the values must be
+    those of reading them and preprocessing the array, exactly."""
+    from virtual_biopsy.dicom.read import display_window, read_header, read_pixels
+
+    path = next(p for p in sorted((tiny_raw / "images").rglob("*.dcm")) if pydicom.dcmread(p).ImageLaterality == laterality)
+    ds = read_header(path)
+    if shape == "wide":
+        ds = _wide_variant(pydicom.dcmread(path))
+    expected = preprocess_pixels(read_pixels(ds), *display_window(ds),
+                                 chest_wall_on_left(ds.get("PatientOrientation"), laterality), SIZE).copy()
+    np.testing.assert_array_equal(preprocess_dataset(ds, laterality, SIZE), expected)
 
 
 # --- the stage on a tiny simulated dataset -----------------------------------------------------

@@ -206,13 +206,17 @@ def _modality_lut_float32(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
 
 
-def read_pixels(source: str | Path | Dataset) -> np.ndarray:
+def read_pixels(source: str | Path | Dataset, out: np.ndarray | None = None) -> np.ndarray:
     """The image in presentation space as float32 (rows, columns): dense tissue bright.
 
     Applies the modality LUT, then mirrors MONOCHROME1 images over :func:`presentation_range`
     (``lo + hi - value``), which maps a MONOCHROME1 file whose stored values are ``max - s`` onto
     exactly the pixels of its MONOCHROME2 twin with stored values ``s``. Raises
     :class:`DicomReadError` for pixel data that cannot be decoded or is not one grey-scale frame.
+
+    ``out``: a float32 array (any strides: a mirrored view, a region of a larger one) of the
+    image's shape to write the values into and return, instead of a new array: the same values,
+    without a full-size intermediate where the modality LUT is the identity.
     """
     ds = read_dataset(source) if isinstance(source, (str, Path)) else source
     photometric = _photometric(ds)
@@ -226,10 +230,21 @@ def read_pixels(source: str | Path | Dataset) -> np.ndarray:
             raise DicomReadError(f"corrupt pixel data: {exc}") from exc
     if stored.ndim != 2:
         raise DicomReadError(f"expected one grey-scale frame, got pixel array of shape {stored.shape}")
+    if out is not None and (out.shape != stored.shape or out.dtype != np.float32):
+        raise ValueError(f"read_pixels: out is {out.dtype} {out.shape}, not float32 {stored.shape}")
+    mirror = np.float32(sum(presentation_range(ds))) if photometric == "MONOCHROME1" else None
+    if out is not None and _rescale(ds) == (1.0, 0.0):  # identity LUT: cast straight into out
+        if mirror is None:
+            np.copyto(out, stored, casting="unsafe")  # exactly stored.astype(np.float32)
+        else:
+            np.subtract(mirror, stored, out=out, dtype=np.float32)  # float32(lo + hi) - float32(s), as below
+        return out
     pixels = _modality_lut_float32(stored, ds)
-    if photometric == "MONOCHROME1":
-        lo, hi = presentation_range(ds)
-        pixels = np.float32(lo + hi) - pixels
+    if mirror is not None:
+        pixels = mirror - pixels
+    if out is not None:
+        out[...] = pixels
+        return out
     return pixels
 
 
