@@ -299,7 +299,7 @@ class ParamsReads:
 
 TINY_GENERATOR = {"ngf": 4, "ndf": 4, "n_residual_blocks": 1}
 DYNAMIC = ("ingest", "preprocess", "validate_data", "split", "observer_ceiling", "impute", "evaluate", "gate",
-           "pretrain_cohort", "import_pretrain")
+           "pretrain_cohort", "import_pretrain", "saliency_eval")
 STATIC = ("train_generator", "train_classifier",  # too slow to run here, even tiny: checked on the source
           "pretrain_generator")
 
@@ -331,6 +331,12 @@ def _write_untrained_generators(root: Path) -> None:
                                    image_size=params.preprocess.image_size)
 
 
+def _link_classifiers(source: Path, root: Path) -> None:
+    """The fused template's trained tiny classifiers (read only: hard links) for saliency_eval."""
+    shutil.copytree(source / "models" / "classifier", root / "models" / "classifier", copy_function=os.link,
+                    dirs_exist_ok=True)
+
+
 def _write_generator_reports(root: Path) -> None:
     """Generator reports with per-fold entries (the fused template's carry only means, for the gate)."""
     import json
@@ -355,6 +361,7 @@ def params_reads(processed_project, _fused_template, copy_project, tmp_path_fact
         observer_ceiling,
         preprocess,
         pretrain_cohort,
+        saliency_eval,
         split,
         validate_data,
     )
@@ -372,10 +379,12 @@ def params_reads(processed_project, _fused_template, copy_project, tmp_path_fact
         ("pretrain_cohort", pretrain_cohort, data_root, []),
         ("import_pretrain", import_pretrain, data_root, ["--no-mlflow"]),
         ("impute", impute, data_root, ["--no-mlflow"]),
+        ("saliency_eval", saliency_eval, data_root, ["--no-mlflow"]),
         ("gate", gate, fused_root, []),  # the gate always logs: MLflow in the copy's embedded store
         ("evaluate", evaluate, fused_root, ["--no-mlflow"]),  # after the gate: it rewrites metrics.json
     ]
     prepare = {"impute": lambda: _write_untrained_generators(data_root),
+               "saliency_eval": lambda: _link_classifiers(_fused_template, data_root),
                "evaluate": lambda: _write_generator_reports(fused_root)}
     observed = {}
     for name, stage, root, argv in runs:

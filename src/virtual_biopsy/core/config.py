@@ -222,6 +222,8 @@ class EvaluateConfig:
     robustness_draws: int = 10
     bootstrap_resamples: int = 2000  # patient resamples of the paired AUC intervals and the weight MCC intervals
     min_weight_lesions: int = 10     # validation lesions per class below which a fusion weight is warned about
+    conformal_level: float = 0.90    # nominal coverage of the served conformal prediction sets
+    calibration_bins: int = 10       # equal-width bins of ECE and the reliability diagrams
 
 
 @dataclass(frozen=True)
@@ -536,6 +538,9 @@ def _check_values(p: Params) -> None:
     _at_least("evaluate.robustness_draws", p.evaluate.robustness_draws, 1)
     _at_least("evaluate.bootstrap_resamples", p.evaluate.bootstrap_resamples, 100)
     _at_least("evaluate.min_weight_lesions", p.evaluate.min_weight_lesions, 1)
+    if not 0 < p.evaluate.conformal_level < 1:
+        _fail("evaluate.conformal_level", f"must lie strictly between 0 and 1, got {p.evaluate.conformal_level}")
+    _at_least("evaluate.calibration_bins", p.evaluate.calibration_bins, 2)
 
     gate = p.gate
     for setting, floors in gate.floors.items():

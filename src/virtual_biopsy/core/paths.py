@@ -178,6 +178,14 @@ class ProjectPaths:
         return self.reports / "evaluation"
 
     @property
+    def calibration_dir(self) -> Path:
+        """outputs/calibration: the evaluate stage's served calibration, one <arch>.json each."""
+        return self.root / "outputs" / "calibration"
+
+    def calibration_file(self, arch: str) -> Path:
+        return self.calibration_dir / f"{arch}.json"
+
+    @property
     def ceilings_dir(self) -> Path:
         """Observer ceilings of the test folds (observer_ceiling stage): ceilings.csv/.md, observer_scores.csv."""
         return self.reports / "ceilings"

@@ -101,6 +101,23 @@ def roc_figure(points: pd.DataFrame) -> Figure:
     return fig
 
 
+def reliability_figure(points: pd.DataFrame) -> Figure:
+    """Reliability diagrams: one panel per architecture x setting, before and after calibration
+    (observed malignant fraction against mean p per bin; the diagonal is perfect calibration)."""
+    panels = list(dict.fromkeys(zip(points["arch"], points["setting"]))) or [("(none)", "")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.2), squeeze=False)
+    for ax, (arch, setting) in zip(axes[0], panels):
+        panel = points[(points["arch"] == arch) & (points["setting"] == setting)]
+        for label, curve in panel.groupby("calibration", sort=False):
+            ax.plot(curve["mean_p"], curve["observed"], marker="o", markersize=3, label=label)
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5, linestyle=":")
+        ax.set(title=f"{arch} {setting}", xlabel="mean p (bin)", ylabel="observed malignant", xlim=(0, 1), ylim=(0, 1))
+        ax.legend(fontsize="x-small", loc="upper left")
+    fig.suptitle("Reliability on the test lesions, before and after temperature scaling", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
 def sample_grid(le: np.ndarray, des: np.ndarray, synthetic: np.ndarray) -> np.ndarray:
     """uint8 image: one row per pair, columns LE | real DES | synthetic DES, 2 px gaps."""
     rows = []

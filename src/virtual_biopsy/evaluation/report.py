@@ -15,6 +15,12 @@ import pandas as pd
 
 from virtual_biopsy.core.config import EvaluateConfig
 from virtual_biopsy.evaluation import figures
+from virtual_biopsy.evaluation.calibration_fit import (
+    calibration_markdown,
+    fit_calibrations,
+    score_calibration,
+    validation_probabilities,
+)
 from virtual_biopsy.evaluation.ceilings import ceiling_shares, ceilings_markdown, shares_markdown
 from virtual_biopsy.evaluation.paired_tests import paired_comparisons, paired_comparisons_markdown
 from virtual_biopsy.evaluation.robustness import robustness_scores, summarize_robustness
@@ -56,6 +62,10 @@ class Evaluation:
     headline: dict
     ceilings: pd.DataFrame       # observer ceilings (evaluation.ceilings), empty without lesion masks
     ceiling_shares: pd.DataFrame  # F and C AUC as a share of their ceiling, per architecture
+    calibration: pd.DataFrame    # per arch x setting: temperature, qhat, ECE/Brier before/after, coverage
+    reliability: pd.DataFrame    # reliability points before/after calibration (test lesions)
+    calibration_fits: dict       # arch -> setting -> {temperature, qhat, n_val} (the serving artefact's settings)
+    conformal_level: float
 
     @property
     def weight_warnings(self) -> list[str]:
@@ -73,6 +83,8 @@ def evaluate_settings(predictions: pd.DataFrame, generator_reports: dict, modali
     ``ceilings`` is the observer_ceiling stage's table (evaluation.ceilings), None when absent."""
     folds = prepare_folds(predictions, tuple(modalities), tuple(views))
     probabilities = lesion_probabilities(folds)
+    fits = fit_calibrations(validation_probabilities(folds, predictions), cfg.conformal_level)
+    calibrated, reliability = score_calibration(probabilities, fits, cfg.calibration_bins)
     scores = fold_scores(probabilities)
     headline = headline_metrics(scores)
     both_modalities = set(modalities) == {"FFDM", "CESM"}
@@ -87,6 +99,7 @@ def evaluate_settings(predictions: pd.DataFrame, generator_reports: dict, modali
         table3=table3(generator_reports), roc=figures.roc_points(probabilities), headline=headline,
         ceilings=ceilings if ceilings is not None else pd.DataFrame(),
         ceiling_shares=ceiling_shares(ceilings, headline) if ceilings is not None and len(ceilings) else pd.DataFrame(),
+        calibration=calibrated, reliability=reliability, calibration_fits=fits, conformal_level=cfg.conformal_level,
     )
 
 
@@ -110,6 +123,9 @@ def evaluation_tables(result: Evaluation) -> dict[str, pd.DataFrame | str]:
         "roc.csv": result.roc, "fold_scores.csv": result.fold_scores,
         "weights.csv": result.weights, "weights.md": weight_stability_markdown(result.weights),
         "test_probabilities.csv": result.probabilities,
+        "calibration.csv": result.calibration,
+        "calibration.md": calibration_markdown(result.calibration, result.conformal_level),
+        "reliability.csv": result.reliability,
         **({"ceiling_shares.csv": result.ceiling_shares} if not result.ceiling_shares.empty else {}),
     }
 
@@ -120,6 +136,7 @@ def evaluation_figures(result: Evaluation) -> dict[str, object]:
     if result.has_robustness:
         out["figure5.png"] = figures.figure5(result.robustness)
     out["roc.png"] = figures.roc_figure(result.roc)
+    out["reliability.png"] = figures.reliability_figure(result.reliability)
     return out
 
 

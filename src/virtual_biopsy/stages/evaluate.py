@@ -4,8 +4,11 @@
 
 Reads the classifiers' predictions (``outputs/predictions``) and the generator reports
 (``reports/generator``); writes ``reports/evaluation/*`` (tables as CSV and markdown, figures as
-PNG, ROC points for ``dvc plots``) and ``reports/metrics.json`` (headline metrics for
-``dvc metrics`` and the gate), then logs them to MLflow. :func:`run_evaluation` does the work
+PNG, ROC and reliability points for ``dvc plots``; calibration.csv/md: ECE, Brier before and after
+temperature scaling and conformal coverage on the test lesions), ``reports/metrics.json`` (headline
+metrics for ``dvc metrics`` and the gate) and ``outputs/calibration/<arch>.json`` (the temperature
+and conformal threshold per setting, fitted on validation lesions only, that the gate puts into
+the served pipeline), then logs them to MLflow. :func:`run_evaluation` does the work
 without MLflow; :func:`log_evaluation` is the only part that talks to the tracking store.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ from virtual_biopsy.core.atomic import (
 )
 from virtual_biopsy.core.config import ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
+from virtual_biopsy.evaluation.calibration_fit import serving_artefact
 from virtual_biopsy.evaluation.report import (
     Evaluation,
     evaluate_settings,
@@ -88,6 +92,10 @@ def run_evaluation(root: str | Path, params: Params) -> EvaluationResult:
         for name, fig in drawn.items():
             _save_figure(fig, staged / name)
     write_json(paths.metrics_file, result.headline)
+    # The served calibration (gate puts it into the registered pipeline): one set, swapped in whole.
+    with atomic_dir(paths.calibration_dir) as staged:
+        for arch, entries in result.calibration_fits.items():
+            write_json(staged / f"{arch}.json", serving_artefact(entries, result.conformal_level))
     return EvaluationResult(out, paths.metrics_file, {name: out / name for name in [*tables, *drawn]}, result)
 
 
@@ -115,6 +123,12 @@ def log_evaluation(run, result: EvaluationResult, root: str | Path, params: Para
     run.log_metrics({f"{r['arch']}.{r['setting']}.share_of_ceiling": r["share"]
                      for _, r in evaluation.ceiling_shares.iterrows() if pd.notna(r["share"])})
     run.set_tags({"weight_warnings": len(evaluation.weight_warnings)})
+    run.log_metrics({f"{r['arch']}.{SETTING_SLUGS[r['setting']]}.test_{key}": r[column]
+                     for _, r in evaluation.calibration.iterrows()
+                     for key, column in (("ece_uncalibrated", "ece_before"), ("ece_calibrated", "ece_after"),
+                                         ("brier_uncalibrated", "brier_before"), ("brier_calibrated", "brier_after"),
+                                         ("conformal_coverage", "coverage"), ("temperature", "temperature"))
+                     if pd.notna(r[column])})
     for (arch, setting), group in evaluation.fold_scores.groupby(["arch", "setting"], sort=False):
         with run.child(f"{arch} {setting}",
                        tags=setting_tags(arch, setting, SETTING_SYNTHETIC_SHARE[setting])) as child:

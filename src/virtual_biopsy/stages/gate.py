@@ -79,7 +79,7 @@ def read_gate_predictions(paths: ProjectPaths, arch: str):
 
 def calibration_file(paths: ProjectPaths, arch: str) -> Path:
     """outputs/calibration/<arch>.json: the evaluate stage's temperature and conformal qhat per setting."""
-    return paths.root / "outputs" / "calibration" / f"{arch}.json"
+    return paths.calibration_file(arch)
 
 
 def _fold_classifiers(paths: ProjectPaths, arch: str, fold: dict[str, Any]) -> fused_model.FoldClassifiers:
