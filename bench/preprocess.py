@@ -1,7 +1,7 @@
 """Benchmark: ingest + preprocess wall time as a ratio to merely reading every file's pixels.
 
     .venv/bin/python bench/preprocess.py [--root .] [--params params.yaml]
-    .venv/bin/python bench/preprocess.py --full-size [--images 68] [--dataset DIR]
+    .venv/bin/python bench/preprocess.py --full-size [--images 68] [--dataset DIR] [--without-lesions]
 
 Default mode: uses ROOT/data/raw when it exists, else generates the default dataset (params.yaml
 synth section) into a temporary folder; preprocess at preprocess.image_size; target ratio <= 2.0.
@@ -13,6 +13,9 @@ run, else a temporary folder), and measures it twice: whole, and its first half 
 links, metadata and lesion rows filtered), each in a fresh process, so that the two peak-memory
 figures are each size's own; preprocess at 256 px (the paper's size); target ratio <= 1.5 and the
 larger dataset's peaks within 10 % (+ 50 MiB) of the smaller one's (memory must not grow with N).
+``--without-lesions`` measures the same DICOM files without the generator's lesion truth (no
+lesions.csv, no masks): the dataset as issue #15 measured it, before lesion masks existed; with
+them, ingest also decodes and checks every mask PNG and preprocess carries each one through.
 
 Each measurement times, on the same files and after one untimed read to warm the OS cache:
 (a) one pass of ``pydicom.dcmread(f).pixel_array`` over every file, single process; (b) the ingest
@@ -169,7 +172,7 @@ def full_size_dataset(raw: Path, params: Params) -> None:
     from virtual_biopsy.data.synthetic import synthesize
 
     stamp = raw.parent / "bench-synth.json"
-    wanted = {"synth": dataclasses.asdict(params.synth), "seed": params.seed}
+    wanted = json.loads(json.dumps({"synth": dataclasses.asdict(params.synth), "seed": params.seed}))  # tuples -> lists
     if (raw / "metadata.csv").exists() and stamp.exists() and json.loads(stamp.read_text()) == wanted:
         print(f"dataset: {raw} (reused)")
         return
@@ -181,19 +184,21 @@ def full_size_dataset(raw: Path, params: Params) -> None:
           f"{params.synth.image_height} rows in {seconds:.1f} s ({seconds / summary['images']:.2f} s per image)")
 
 
-def first_patients(raw: Path, target: Path, share: float) -> int:
-    """``target``: a raw folder of the first ``share`` of ``raw``'s patients (hard links); its image count."""
+def first_patients(raw: Path, target: Path, share: float, lesions: bool = True) -> int:
+    """``target``: a raw folder of the first ``share`` of ``raw``'s patients (hard links), with
+    their lesion truth unless ``lesions`` is False; its image count."""
     metadata = pd.read_csv(raw / "metadata.csv", dtype=str, keep_default_na=False)
     patients = sorted(metadata["patient_id"].unique())
     kept = set(patients[: max(1, round(len(patients) * share))])
     metadata = metadata[metadata["patient_id"].isin(kept)]
-    lesions = pd.read_csv(raw / "lesions.csv", dtype=str, keep_default_na=False)
-    lesions = lesions[lesions["file"].isin(set(metadata["file"]))]
-    for relative in [*metadata["file"], *lesions["mask"]]:
+    table = pd.read_csv(raw / "lesions.csv", dtype=str, keep_default_na=False)
+    table = table[table["file"].isin(set(metadata["file"]))] if lesions else table.iloc[:0]
+    for relative in [*metadata["file"], *table["mask"]]:
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         os.link(raw / relative, target / relative)
     metadata.to_csv(target / "metadata.csv", index=False, lineterminator="\n")
-    lesions.to_csv(target / "lesions.csv", index=False, lineterminator="\n")
+    if lesions:
+        table.to_csv(target / "lesions.csv", index=False, lineterminator="\n")
     return len(metadata)
 
 
@@ -204,19 +209,22 @@ def measure_in_new_process(project_root: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def full_size(params_file: Path, images: int, dataset: Path | None) -> int:
+def full_size(params_file: Path, images: int, dataset: Path | None, lesions: bool) -> int:
     params = full_size_params(load_params(params_file), images)
     with tempfile.TemporaryDirectory(prefix="vbiopsy-bench-full-") as tmp:
-        whole = Path(dataset) if dataset is not None else Path(tmp) / "whole"
-        whole.mkdir(parents=True, exist_ok=True)
-        write_params(params_file, params, whole / "params.yaml")
-        full_size_dataset(ProjectPaths(whole).raw, params)
-        half = Path(tmp) / "half"
-        (half / "data").mkdir(parents=True)
-        shutil.copy(whole / "params.yaml", half / "params.yaml")
-        first_patients(ProjectPaths(whole).raw, ProjectPaths(half).raw, 0.5)
-        small = measure_in_new_process(half)
-        large = measure_in_new_process(whole)
+        generated = Path(dataset) if dataset is not None else Path(tmp) / "generated"
+        generated.mkdir(parents=True, exist_ok=True)
+        full_size_dataset(generated / "raw", params)
+        measured = []
+        for name, share in (("half", 0.5), ("whole", 1.0)):  # hard-linked copies: outputs never go to --dataset
+            project = ProjectPaths(Path(tmp) / name)
+            project.raw.mkdir(parents=True)
+            write_params(params_file, params, project.root / "params.yaml")
+            first_patients(generated / "raw", project.raw, share, lesions)
+            measured.append(measure_in_new_process(project.root))
+    small, large = measured
+    print("lesion truth: " + ("the generator's lesions.csv and masks (ingest checks them, preprocess carries them)"
+                              if lesions else "left out (--without-lesions): DICOM files and metadata.csv only"))
     for m in (small, large):
         print()
         report(m, FULL_SIZE_TARGET_RATIO)
@@ -237,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=68, help="full-size mode: at least this many images")
     parser.add_argument("--dataset", type=Path, default=None,
                         help="full-size mode: keep the generated project here (reused when it matches)")
+    parser.add_argument("--without-lesions", action="store_true",
+                        help="full-size mode: measure the DICOM files and metadata.csv without the lesion truth")
     parser.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args(argv)
     if args.measure is not None:
@@ -245,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     params_file = args.params or args.root / "params.yaml"
     if args.full_size:
-        return full_size(params_file, args.images, args.dataset)
+        return full_size(params_file, args.images, args.dataset, not args.without_lesions)
     with tempfile.TemporaryDirectory(prefix="vbiopsy-bench-") as tmp:
         project = prepare_project(args.root, params_file, Path(tmp))
         m = measure(project, load_params(project.root / "params.yaml"))
