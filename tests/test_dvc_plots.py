@@ -54,6 +54,18 @@ def test_roc_plot_draws_one_curve_per_architecture_and_setting(tiny_pipeline_run
 
 @pytest.mark.xdist_group("tiny_pipeline")
 @pytest.mark.timeout(1800)  # the first test of the group pays for the session's two pipeline runs
+def test_reliability_plot_has_a_panel_per_setting_with_before_and_after_calibration(tiny_pipeline_run):
+    spec = json.loads(_dvc(tiny_pipeline_run, "plots", "show", "--show-vega", "reports/evaluation/reliability.csv"))
+    assert (spec["encoding"]["color"]["field"], spec["encoding"]["facet"]["field"]) == ("calibration", "panel")
+    archs = yaml.safe_load((tiny_pipeline_run / "params.yaml").read_text())["classifier"]["architectures"]
+    values = spec["data"]["values"]
+    assert {(p["arch"], p["setting"]) for p in values} == {(arch, s) for arch in archs for s in SETTINGS}
+    assert {p["calibration"] for p in values} == {"before", "after"}
+    assert all(0 <= float(p["mean_p"]) <= 1 and 0 <= float(p["observed"]) <= 1 for p in values)
+
+
+@pytest.mark.xdist_group("tiny_pipeline")
+@pytest.mark.timeout(1800)  # the first test of the group pays for the session's two pipeline runs
 def test_plots_page_renders_offline_with_figures_3_to_5(tiny_pipeline_run, tmp_path):
     template = _offline_template()
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -65,10 +77,11 @@ def test_plots_page_renders_offline_with_figures_3_to_5(tiny_pipeline_run, tmp_p
     assert "<script src=" not in page  # nothing to fetch: Vega is inlined
     for figure in ("figure3_CC.png", "figure3_MLO.png", "figure4.png", "figure5.png"):
         assert figure in page, figure
-    # Network off (a dead proxy, no name resolution): Vega must still draw the ROC plot's canvas.
+    # Network off (a dead proxy, no name resolution): Vega must still draw the canvases of the two
+    # data plots, ROC and reliability (before / after calibration).
     dom = subprocess.run(
         [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--proxy-server=http://127.0.0.1:9",
          "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=15000", "--dump-dom",
          (out / "index.html").as_uri()],
         capture_output=True, text=True, timeout=120, check=True).stdout
-    assert dom.count('class="marks"') == 1, dom[-2000:]
+    assert dom.count('class="marks"') == 2, dom[-2000:]

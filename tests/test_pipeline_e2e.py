@@ -13,8 +13,9 @@ from tiny_pipeline import BIN, run
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_pipeline"),  # one worker runs the pair
               pytest.mark.timeout(1800)]  # the first test of the group pays for both runs
 
-STAGES = ("ingest", "preprocess", "validate_data", "split", "observer_ceiling", "train_generator", "impute",
-          "train_classifier", "evaluate", "gate")
+# Every stage that logs a run (pretrain_cohort only writes the simulated release's files).
+STAGES = ("import_pretrain", "pretrain_generator", "ingest", "preprocess", "validate_data", "split",
+          "observer_ceiling", "train_generator", "impute", "train_classifier", "saliency_eval", "evaluate", "gate")
 
 
 @pytest.fixture(scope="module")
