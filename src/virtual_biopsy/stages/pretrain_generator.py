@@ -15,8 +15,9 @@ Outputs
     reports/pretrain/<VIEW>.json              pairs and patients used, epochs, best validation L1
 
 MLflow: a stage run tagged with the view: the pretrain section and the generator sizes as params,
-per-epoch losses, the report and the weights. The per-view job runs in this process (the trainer
-called directly).
+per-epoch losses, the report and the weights. The per-view job runs where ``executor`` says (this
+process, a local worker process or a Ray task; training/executor.py) and logs to the stage run
+handed over to it; this process writes the weights and the report.
 """
 from __future__ import annotations
 
@@ -28,26 +29,20 @@ import pandas as pd
 from virtual_biopsy.core.atomic import write_json
 from virtual_biopsy.core.config import VIEWS, ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
-from virtual_biopsy.data.cohorts import CohortError, require_inputs, view_pairs
+from virtual_biopsy.data.cohorts import CohortError, require_inputs
 from virtual_biopsy.stages.common import relative, stage_inputs, stage_parser
+from virtual_biopsy.training import executor
 from virtual_biopsy.training.datasets import open_images
 from virtual_biopsy.training.pretraining import (
     PretrainError,
     describe_pretraining,
-    pretrain_view,
+    pretrain_job,
     pretraining_config,
     save_pretrained,
 )
 
 STAGE = "pretrain_generator"
 SIZE_KEYS = ("ngf", "ndf", "n_residual_blocks", "batch_size", "lambda_cycle", "lambda_identity", "lambda_paired")
-
-
-def epoch_logger(run):
-    """on_epoch_end: the epoch's losses as MLflow metrics."""
-    def on_epoch_end(epoch: int, metrics: dict[str, float], state) -> None:
-        run.log_metrics({k.replace("/", "_"): v for k, v in metrics.items()}, step=epoch)
-    return on_epoch_end
 
 
 def run_pretrain_generator(paths: ProjectPaths, params: Params, view: str, device: str | None = None,
@@ -57,19 +52,17 @@ def run_pretrain_generator(paths: ProjectPaths, params: Params, view: str, devic
 
     source = paths.pretrain
     require_inputs([(source.processed_images, "import_pretrain"), (source.processed_index, "import_pretrain")])
-    images, index = open_images(source.processed_images), pd.read_csv(source.processed_index)
-    pairs = view_pairs(index, view)
-    if pairs.empty:
-        raise CohortError(f"{source.processed_index}: no LE/DES pairs of view {view}")
+    image_size = int(np.shape(open_images(source.processed_images))[1])
     with tracking.stage_run(STAGE, root=paths.root, params=params, tags={"view": view},
                             run_name=f"{STAGE}-{view}", enabled=use_mlflow) as run:
         cfg = pretraining_config(params)
         run.log_params({**tracking.section_params(params, "pretrain"),
                         **{f"generator.{k}": getattr(cfg, k) for k in SIZE_KEYS}, "view": view,
                         "images": relative(source.processed_images, paths.root)})
-        outcome = pretrain_view(images, pairs, params, view, paths.pretrain_checkpoint(view), epoch_logger(run),
-                                params.generator.device if device is None else device)
-        save_pretrained(paths.pretrain_weights(view), outcome, cfg, int(np.shape(images)[1]))
+        outcome = executor.run_job(
+            executor.job(f"{STAGE} {view}", pretrain_job, paths, params, view, run.handover(),
+                         params.generator.device if device is None else device), params.executor)
+        save_pretrained(paths.pretrain_weights(view), outcome, cfg, image_size)
         report = describe_pretraining(outcome)
         write_json(paths.pretrain_report(view), report)
         run.log_metrics({"best_val_l1": report["best_val_l1"], "best_epoch": report["best_epoch"],

@@ -22,11 +22,14 @@ import pandas as pd
 import torch
 
 from virtual_biopsy.core.config import VIEWS, GeneratorConfig, Params
+from virtual_biopsy.core.paths import ProjectPaths
+from virtual_biopsy.data.cohorts import CohortError, require_inputs, view_pairs
 from virtual_biopsy.models.weights import save_generator_weights
 from virtual_biopsy.training.checkpoint import CHECKPOINT_NAME, discard_stale_checkpoint, inputs_key
-from virtual_biopsy.training.datasets import derive_seed, paired_dataset
+from virtual_biopsy.training import executor
+from virtual_biopsy.training.datasets import derive_seed, open_images, paired_dataset
 from virtual_biopsy.training.generator_trainer import GeneratorTrainingResult, train_cyclegan
-from virtual_biopsy.training.loop import EpochCallback
+from virtual_biopsy.training.loop import EpochCallback, resolve_device
 
 PRETRAIN_STREAM = 2000  # seed stream of pre-training, apart from the folds' (datasets.generator_fold_seed)
 OTHER_NETWORKS = ("generator_ba", "discriminator_a", "discriminator_b")
@@ -98,6 +101,27 @@ def pretrain_view(images: np.ndarray, pairs: pd.DataFrame, params: Params, view:
                             checkpoint_dir=checkpoint_dir, on_epoch_end=on_epoch_end, device=device,
                             restart_if_stale=True)
     return PretrainOutcome(view, result, last_epoch_networks(checkpoint_dir), subsets, seed)
+
+
+def pretrain_job(paths: ProjectPaths, params: Params, view: str, run, device: str) -> PretrainOutcome:
+    """:func:`pretrain_view` as an executor job (training.executor; one per view) that may run in
+    another process: it opens the cohort's processed images memory-mapped, resolves ``device``
+    where it runs, and logs each epoch's losses to ``run``, a handed-over run (``attach()``)."""
+    source = paths.pretrain
+    require_inputs([(source.processed_images, "import_pretrain"), (source.processed_index, "import_pretrain")])
+    images = open_images(source.processed_images)
+    pairs = view_pairs(pd.read_csv(source.processed_index), view)
+    if pairs.empty:
+        raise CohortError(f"{source.processed_index}: no LE/DES pairs of view {view}")
+    handle = run.attach()
+    epochs = pretraining_config(params).epochs
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float], state) -> None:
+        handle.log_metrics({k.replace("/", "_"): v for k, v in metrics.items()}, step=epoch)
+        executor.report_epoch(epoch, epochs, metrics)
+
+    return pretrain_view(images, pairs, params, view, paths.pretrain_checkpoint(view), on_epoch_end,
+                         str(resolve_device(device)))
 
 
 def image_rows(pairs: pd.DataFrame) -> pd.DataFrame:
