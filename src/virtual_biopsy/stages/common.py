@@ -25,6 +25,12 @@ def stage_parser(stage: str, doc: str | None, *, mlflow_flag: bool = True) -> ar
     return parser
 
 
+def add_device_option(parser: argparse.ArgumentParser, section: str) -> None:
+    """``--device`` of the stages that run networks; its default is ``<section>.device`` in params."""
+    parser.add_argument("--device", default=None,
+                        help=f"torch device: auto, cpu, cuda, cuda:1 ... (default: {section}.device in params)")
+
+
 def stage_inputs(args: argparse.Namespace) -> tuple[ProjectPaths, Params]:
     """The project's paths and its params (``--params`` or ROOT/params.yaml); raises ConfigError."""
     paths = ProjectPaths(Path(args.root))

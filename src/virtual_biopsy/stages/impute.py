@@ -23,15 +23,14 @@ import pandas as pd
 from virtual_biopsy.core.config import ConfigError
 from virtual_biopsy.data.imputation import ImputeError
 from virtual_biopsy.serving.imputation import impute_out_of_fold, write_imputed
-from virtual_biopsy.stages.common import stage_inputs, stage_parser
+from virtual_biopsy.stages.common import add_device_option, stage_inputs, stage_parser
 
 STAGE = "impute"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(STAGE, __doc__)
-    parser.add_argument("--device", default=None,
-                        help="torch device: auto, cpu, cuda ... (default: generator.device in params)")
+    add_device_option(parser, "generator")
     args = parser.parse_args(argv)
     from virtual_biopsy.mlops import tracking
     from virtual_biopsy.training.loop import resolve_device

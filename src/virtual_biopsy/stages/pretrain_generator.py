@@ -30,7 +30,7 @@ from virtual_biopsy.core.atomic import write_json
 from virtual_biopsy.core.config import VIEWS, ConfigError, Params
 from virtual_biopsy.core.paths import ProjectPaths
 from virtual_biopsy.data.cohorts import CohortError, require_inputs
-from virtual_biopsy.stages.common import relative, stage_inputs, stage_parser
+from virtual_biopsy.stages.common import add_device_option, relative, stage_inputs, stage_parser
 from virtual_biopsy.training import executor
 from virtual_biopsy.training.datasets import open_images
 from virtual_biopsy.training.pretraining import (
@@ -75,8 +75,7 @@ def run_pretrain_generator(paths: ProjectPaths, params: Params, view: str, devic
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(STAGE, __doc__)
     parser.add_argument("--view", required=True, choices=VIEWS, help="mammographic view")
-    parser.add_argument("--device", default=None,
-                        help="torch device: auto, cpu, cuda, cuda:1 ... (default: generator.device in params)")
+    add_device_option(parser, "generator")
     args = parser.parse_args(argv)
     try:
         paths, params = stage_inputs(args)

@@ -64,7 +64,7 @@ from virtual_biopsy.evaluation.classifier_cv import FoldEpochCallback, classifie
 from virtual_biopsy.evaluation.predictions import predictions_path
 from virtual_biopsy.evaluation.scoring import summarize_classifier_folds
 from virtual_biopsy.models.classifiers import WeightsFileError
-from virtual_biopsy.stages.common import relative, stage_inputs, stage_parser
+from virtual_biopsy.stages.common import add_device_option, relative, stage_inputs, stage_parser
 from virtual_biopsy.training import distributed, executor
 
 STAGE = "train_classifier"
@@ -149,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", required=True, choices=ARCHITECTURES, help="network architecture")
     parser.add_argument("--modality", required=True, choices=MODALITIES, help="FFDM (LE) or CESM (DES)")
     parser.add_argument("--view", required=True, choices=VIEWS, help="mammographic view")
-    parser.add_argument("--device", default=None,
-                        help="torch device: auto, cpu, cuda, cuda:1 ... (default: classifier.device in params)")
+    add_device_option(parser, "classifier")
     args = parser.parse_args(argv)
     try:
         paths, params = stage_inputs(args)

@@ -65,7 +65,7 @@ from virtual_biopsy.evaluation.figures import figure3, figure3_examples
 from virtual_biopsy.evaluation.generator_cv import generator_fold_job, serving_generator, trained_generator
 from virtual_biopsy.evaluation.scoring import summarize_generator_folds
 from virtual_biopsy.models.weights import WeightsFileError, save_generator_weights
-from virtual_biopsy.stages.common import relative, stage_inputs, stage_parser
+from virtual_biopsy.stages.common import add_device_option, relative, stage_inputs, stage_parser
 from virtual_biopsy.training import distributed, executor
 from virtual_biopsy.training.datasets import open_images
 
@@ -156,8 +156,7 @@ def run_train_generator(paths: ProjectPaths, params: Params, view: str, device: 
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(STAGE, __doc__)
     parser.add_argument("--view", required=True, choices=VIEWS, help="mammographic view")
-    parser.add_argument("--device", default=None,
-                        help="torch device: auto, cpu, cuda, cuda:1 ... (default: generator.device in params)")
+    add_device_option(parser, "generator")
     args = parser.parse_args(argv)
     try:
         paths, params = stage_inputs(args)
