@@ -7,6 +7,11 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONSTRAINTS := requirements/constraints.txt
+# numpy's AVX-512 kernels round differently from its AVX2 ones: with them `vbiopsy synth` writes
+# another data/raw than data.dvc records (scripts/python.sh says more). Every target runs numpy
+# without its X86_V4 (AVX-512) dispatch unless the caller sets NPY_DISABLE_CPU_FEATURES (empty: keep it).
+NPY_DISABLE_CPU_FEATURES ?= X86_V4
+export NPY_DISABLE_CPU_FEATURES
 
 .PHONY: help demo test install system-deps retrain ui plots bench screenshots clean
 

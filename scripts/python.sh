@@ -52,6 +52,14 @@ fi
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export OMP_NUM_THREADS
 
+# numpy's AVX-512 kernels (SVML exp, sin, log, pow of its X86_V4 dispatch) round differently from
+# its AVX2 ones, so on an AVX-512 CPU `vbiopsy synth` wrote another data/raw than data.dvc records
+# (measured: an AMD EPYC with AVX-512 hashed b89e5111..., the AVX2 machine that recorded data.dvc
+# efc97ce5...; with X86_V4 disabled both give efc97ce5...). Off by default in every stage and make
+# target (the Makefile exports the same); set NPY_DISABLE_CPU_FEATURES= (empty) to keep AVX-512.
+NPY_DISABLE_CPU_FEATURES=${NPY_DISABLE_CPU_FEATURES-X86_V4}
+export NPY_DISABLE_CPU_FEATURES
+
 if [ -d "$root/src/virtual_biopsy" ]; then
   PYTHONPATH=$root/src${PYTHONPATH:+:$PYTHONPATH}
   export PYTHONPATH
