@@ -37,9 +37,12 @@ def ray_cluster():
     """A real Ray cluster of 2 CPUs on this machine (loopback only), shut down after the module."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    # Ray's driver SIGTERM handler (sys.exit(15)) outlives ray.shutdown: keep this worker's own, or
+    # later tests in the process (test_run_lifecycle's forked children) inherit Ray's.
+    with executor.kept_signal_handlers():
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        yield ray
+        ray.shutdown()
 
 
 def train(copy_project, source: Path, dest: Path, executor_section: dict, **classifier) -> ProjectPaths:

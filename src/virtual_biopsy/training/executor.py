@@ -34,6 +34,8 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import os
+import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -253,22 +255,46 @@ def ray_address(config: ExecutorConfig) -> str | None:
     return config.ray.address or os.environ.get(RAY_ADDRESS_ENV) or None
 
 
+TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def kept_signal_handlers() -> Iterator[None]:
+    """Restore this process's SIGTERM/SIGINT/SIGHUP handlers on the way out.
+
+    ``ray.init`` replaces the driver's SIGTERM handler with one that calls ``sys.exit(15)`` and
+    ``ray.shutdown`` leaves it there: the stage's own handling (its MLflow run ended KILLED, the
+    default death of a forked child) would be gone for the rest of the process.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.getsignal(signum) for signum in TERMINATING_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
 @contextlib.contextmanager
 def ray_connection(config: ExecutorConfig) -> Iterator[Any]:
     """The ``ray`` module, connected: to the cluster the caller already joined (left connected), or
-    to :func:`ray_address` (disconnected afterwards)."""
+    to :func:`ray_address` (disconnected afterwards, the process's signal handlers as they were)."""
     import ray
 
     if ray.is_initialized():
         yield ray
         return
     address = ray_address(config)
-    ray.init(address=address, include_dashboard=False, log_to_driver=True,
-             configure_logging=False, **({} if address else {"namespace": "virtual-biopsy"}))
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    with kept_signal_handlers():
+        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                 configure_logging=False, **({} if address else {"namespace": "virtual-biopsy"}))
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 def _run_on_ray(jobs: Sequence[Job], config: ExecutorConfig, on_done: DoneCallback) -> list[Any]:
