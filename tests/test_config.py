@@ -95,6 +95,8 @@ BAD_VALUES = [
     ({"generator": {"beta1": 1.0}}, r"generator.beta1: must lie in \[0, 1\), got 1.0"),
     ({"generator": {"lambda_cycle": -10}}, "generator.lambda_cycle: must be at least 0, got -10.0"),
     ({"generator": {"sample_every": -1}}, "generator.sample_every: must be at least 0, got -1"),
+    ({"generator": {"max_steps_per_epoch": 0}}, "generator.max_steps_per_epoch: must be at least 1, got 0"),
+    ({"classifier": {"max_steps_per_epoch": 0}}, "classifier.max_steps_per_epoch: must be at least 1, got 0"),
     ({"generator": {"views": ["CC", "CC"]}}, "generator.views: lists 'CC' twice"),
     ({"generator": {"views": []}}, "generator.views: must list at least one of"),
     ({"classifier": {"epochs": -3}}, "classifier.epochs: must be at least 1, got -3"),

@@ -362,3 +362,22 @@ def test_auto_device_is_cuda_when_present_else_cpu():
     assert loop.resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="'tpu9': not a torch device"):
         loop.resolve_device("tpu9")
+
+
+# --- step cap (make paper-smoke) -----------------------------------------------------------------
+
+def test_a_capped_epoch_trains_the_first_batches_of_that_epochs_own_order(images):
+    dataset = labelled(images, list(range(8)))
+    def batches(epoch, cap):  # each batch as its images' sums, which tell the 8 images apart
+        return [x.sum(dim=(1, 2, 3)).tolist() for x, _ in loop.epoch_loader(dataset, 2, 7, epoch, shuffle=True,
+                                                                            max_steps=cap)]
+
+    whole, capped = batches(0, None), batches(0, 3)
+    assert len(whole) == 4 and capped == whole[:3]
+    assert batches(1, 3) != capped  # each capped epoch is its own random subset
+    assert batches(0, 10) == whole  # a cap above the epoch's length changes nothing
+
+
+def test_a_step_cap_below_one_is_refused(images):
+    with pytest.raises(ValueError, match="max_steps must be at least 1, got 0"):
+        loop.epoch_loader(labelled(images, list(range(8))), 2, 7, 0, shuffle=True, max_steps=0)

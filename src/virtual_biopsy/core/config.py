@@ -121,6 +121,9 @@ class GeneratorConfig:
     lambda_paired: float = 10.0
     augment: bool = True
     sample_every: int = 4
+    # Training steps per epoch at most (None: the whole training set). Only for smoke runs such as
+    # `make paper-smoke`, which must exercise the paper's sizes in minutes, not learn anything.
+    max_steps_per_epoch: int | None = None
     serving_policy: str = "best_fold"
     # Initial weights (paper 5.2.1: pre-trained, then fine-tuned): a local weights file, relative
     # to the project root; "{view}" is replaced by the view (CC, MLO). None: from scratch. The one
@@ -212,6 +215,7 @@ class ClassifierConfig:
     weight_decay: float = 1e-5
     augment: bool = True
     augment_strength: float = 1.0  # scales the affine ranges (0 = none, 1 = paper's); tuned by vbiopsy tune
+    max_steps_per_epoch: int | None = None  # as GeneratorConfig's: smoke runs only
     weights_file: str | None = None
     device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N
 
@@ -493,6 +497,8 @@ def _check_values(p: Params) -> None:
         _fail("generator.serving_policy", f"must be best_fold or refit, got {g.serving_policy!r}")
     if g.pretrained_weights is not None:
         _not_empty("generator.pretrained_weights", g.pretrained_weights)
+    if g.max_steps_per_epoch is not None:
+        _at_least("generator.max_steps_per_epoch", g.max_steps_per_epoch, 1)
 
     pt = p.pretrain
     _not_empty("pretrain.release_dir", pt.release_dir)
@@ -525,6 +531,8 @@ def _check_values(p: Params) -> None:
     _positive("classifier.lr", c.lr)
     _at_least("classifier.weight_decay", c.weight_decay, 0)
     _within("classifier.augment_strength", c.augment_strength, 0.0, 1.0)
+    if c.max_steps_per_epoch is not None:
+        _at_least("classifier.max_steps_per_epoch", c.max_steps_per_epoch, 1)
 
     for section in ("generator", "classifier"):
         device = getattr(p, section).device

@@ -133,7 +133,8 @@ class _ClassifierTrainee:
         model = wrapped["classifier"]
         model.train()
         loader = epoch_loader(self.train_ds, self.cfg.batch_size, self.seed, epoch, shuffle=True,
-                              num_workers=self.num_workers, pin_memory=self.device.type == "cuda", shard=True)
+                              num_workers=self.num_workers, pin_memory=self.device.type == "cuda", shard=True,
+                              max_steps=self.cfg.max_steps_per_epoch)
         loss_sum, correct, seen = 0.0, 0, 0
         for images, labels in tqdm(loader, desc=f"classifier epoch {epoch}", leave=False,
                                    disable=None if distributed.is_main_process() else True):

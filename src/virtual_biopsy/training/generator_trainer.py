@@ -249,7 +249,8 @@ class _CycleGANTrainee:
         for net in nets.values():
             net.train()
         loader = epoch_loader(self.train_ds, self.cfg.batch_size, self.seed, epoch, shuffle=True,
-                              num_workers=self.num_workers, pin_memory=device.type == "cuda", shard=True)
+                              num_workers=self.num_workers, pin_memory=device.type == "cuda", shard=True,
+                              max_steps=self.cfg.max_steps_per_epoch)
         sums: dict[str, list[float]] = {}
         counts: list[int] = []
         for real_a, real_b in tqdm(loader, desc=f"cyclegan epoch {epoch}", leave=False,

@@ -55,7 +55,7 @@ class EpochCallback(Protocol):
 
 def epoch_loader(
     dataset: Dataset, batch_size: int, seed: int, epoch: int, shuffle: bool, num_workers: int = 0,
-    pin_memory: bool = False, shard: bool = False,
+    pin_memory: bool = False, shard: bool = False, max_steps: int | None = None,
 ) -> DataLoader:
     """A DataLoader whose order and augmentation depend only on (seed, epoch).
 
@@ -66,6 +66,9 @@ def epoch_loader(
     ``shard=True`` under torchrun (see ``training.distributed``): this rank's share of the same
     order, ``batch_size`` being the global batch (training: its share of every global batch;
     evaluation: a contiguous share of the items). ``pin_memory`` for fast host-to-GPU copies.
+
+    ``max_steps``: at most this many (global) batches, the first of the epoch's order, so a
+    capped epoch is still a fresh random subset each epoch (smoke runs: ``max_steps_per_epoch``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -79,6 +82,10 @@ def epoch_loader(
         order = torch.randperm(len(dataset), generator=generator).numpy()
         if len(order) % batch_size == 1 and len(order) > 1:
             order = order[:-1]
+    if max_steps is not None:
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+        order = order[: max_steps * batch_size]
     if shard and distributed.is_distributed():
         rank, ranks = distributed.rank(), distributed.world_size()
         if shuffle:

@@ -68,6 +68,7 @@ def pretraining_config(params: Params) -> GeneratorConfig:
         beta1=params.generator.beta1, lambda_cycle=params.generator.lambda_cycle,
         lambda_identity=params.generator.lambda_identity, lambda_paired=params.generator.lambda_paired,
         augment=params.generator.augment, device=params.generator.device,
+        max_steps_per_epoch=params.generator.max_steps_per_epoch,
         epochs=params.pretrain.epochs, warmup_epochs=params.pretrain.warmup_epochs,
         patience=params.pretrain.patience, lr=params.pretrain.lr, sample_every=0, pretrained_weights=None)
 
