@@ -21,6 +21,7 @@ COMMANDS = {
     "registry": "virtual_biopsy.cli.registry",
     "predict": "virtual_biopsy.serving.predict",
     "tune": "virtual_biopsy.cli.tune",
+    "compare-generators": "virtual_biopsy.cli.compare",
 }
 
 
