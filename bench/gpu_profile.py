@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import queue
 import sys
 import tempfile
 import time
@@ -171,6 +172,29 @@ def _packed_job(kind: str, arch: str, cfg: GeneratorConfig, images_path: str, ba
     results.put(time.perf_counter() - start)
 
 
+class PackedJobDied(RuntimeError):
+    """One of N concurrent jobs died (killed for memory, a crash): that N does not fit this device."""
+
+
+def _collect(processes, results, jobs: int, kind: str, arch: str) -> list[float]:
+    """Each job's timed wall, or PackedJobDied as soon as one job is dead without a result (the
+    others would wait at the barrier for ever): the survivors are killed."""
+    walls: list[float] = []
+    while len(walls) < jobs:
+        try:
+            walls.append(results.get(timeout=5))
+        except queue.Empty:
+            dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+            if dead:
+                for process in processes:
+                    if process.is_alive():
+                        process.kill()
+                    process.join()
+                reason = "killed (out of memory?)" if -9 in dead else f"exit code {dead[0]}"
+                raise PackedJobDied(f"{jobs} concurrent {kind} {arch} jobs: one {reason}") from None
+    return walls
+
+
 def packed_rate(kind: str, arch: str, cfg: GeneratorConfig, images_path: Path, batch: int, steps: int, warmup: int,
                 device: torch.device, jobs: int) -> float:
     """Samples/s of ``jobs`` concurrent training processes together (sum of batch x steps / slowest wall)."""
@@ -180,11 +204,11 @@ def packed_rate(kind: str, arch: str, cfg: GeneratorConfig, images_path: Path, b
                                                             str(device), barrier, results)) for _ in range(jobs)]
     for process in processes:
         process.start()
-    walls = [results.get() for _ in processes]
+    walls = _collect(processes, results, jobs, kind, arch)
     for process in processes:
         process.join()
         if process.exitcode != 0:
-            raise RuntimeError(f"a packed {kind} {arch} job exited with {process.exitcode}")
+            raise PackedJobDied(f"a packed {kind} {arch} job exited with {process.exitcode}")
     return jobs * batch * steps / max(walls)
 
 
@@ -201,7 +225,13 @@ def packing_table(params, images_path: Path, steps: int, warmup: int, device: to
     for kind, arch, batch in networks:
         cells, single = [], None
         for n in job_counts:
-            rate = packed_rate(kind, arch, generator, images_path, batch, steps, warmup, device, n)
+            try:
+                rate = packed_rate(kind, arch, generator, images_path, batch, steps, warmup, device, n)
+            except PackedJobDied as exc:  # more jobs than the device holds: no larger N is tried
+                print(f"  {exc}", flush=True)
+                cells.append(f"{'does not fit':>24s}")
+                cells.extend(f"{'-':>24s}" for _ in job_counts[len(cells):])
+                break
             single = single or rate / n
             cells.append(f"{rate:8.1f} |{rate / n:7.1f} | x{rate / single:4.2f}")
             if arch not in best or rate > best[arch][1]:
