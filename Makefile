@@ -13,7 +13,7 @@ CONSTRAINTS := requirements/constraints.txt
 NPY_DISABLE_CPU_FEATURES ?= X86_V4
 export NPY_DISABLE_CPU_FEATURES
 
-.PHONY: help demo test install system-deps retrain ui plots bench screenshots clean
+.PHONY: help demo test install system-deps retrain ui plots bench screenshots clean paper-smoke
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -47,6 +47,9 @@ plots: install  ## dvc plots show: ROC per setting, Figures 3-5 in dvc_plots/ind
 
 bench: install  ## speed and memory benchmarks (bench/)
 	for b in preprocess generator classifier predict gpu_profile; do $(PY) bench/$$b.py || exit 1; done
+
+paper-smoke: install  ## every stage at the paper's sizes, counts capped, in a copy under $TMPDIR; wall time, peak RSS (not in make test)
+	@$(PY) scripts/paper_smoke.py
 
 clean:  ## remove pipeline outputs (keeps data/raw and the venv)
 	rm -rf data/interim data/processed data/splits data/imputed models outputs reports mlruns

@@ -214,3 +214,95 @@ def test_applying_gpu_via_the_cli_writes_the_merged_params(tmp_path, monkeypatch
     assert main(["profile", "gpu", "--run", "--root", str(project)]) == 0
     # What the stages now read: params.yaml with paper.yaml, then gpu.yaml's own keys, on top.
     assert load_params(project / "params.yaml") == profile_params(PROFILES / "gpu.yaml", PARAMS)
+
+
+# --- paper-smoke is paper with its counts cut (make paper-smoke) ------------------------------------
+# The keys paper-smoke may change: how many patients, folds, epochs, steps and draws, and the raw
+# rows synthesised (every image is still resized to preprocess.image_size). Nothing that sets a
+# network's size, a batch, a loss weight, a rate or the image size the networks see.
+SMOKE_COUNT_KEYS = frozenset({
+    "synth.patients", "synth.image_height", "pretrain.cohort.patients", "pretrain.cohort.image_height",
+    "validate_data.min_patients", "split.folds", "split.test_share",  # test_share follows from folds (1/folds)
+    "pretrain.epochs", "pretrain.warmup_epochs", "pretrain.patience",
+    "generator.epochs", "generator.warmup_epochs", "generator.patience", "generator.max_steps_per_epoch",
+    "classifier.epochs", "classifier.warmup_epochs", "classifier.patience", "classifier.lr_patience",
+    "classifier.max_steps_per_epoch",
+    "evaluate.robustness_draws", "evaluate.bootstrap_resamples",
+})
+# What "paper scale" means for the smoke run: these must be paper's, key by key.
+PAPER_SCALE_KEYS = (
+    "preprocess.image_size", "generator.ngf", "generator.ndf", "generator.n_residual_blocks",
+    "generator.batch_size", "classifier.batch_size", "classifier.architectures", "classifier.modalities",
+    "classifier.views", "generator.views", "generator.lambda_cycle", "generator.lambda_identity",
+    "generator.lambda_paired", "generator.lr", "pretrain.lr", "classifier.lr", "generator.pretrained_weights",
+    "generator.augment", "classifier.augment", "classifier.augment_strength", "split.val_share", "pretrain.val_share",
+)
+SMOKE_SCRIPT = ROOT / "scripts" / "paper_smoke.py"
+
+
+def _smoke_method_keys_that_differ_from_paper(profiles: Path) -> dict:
+    return method_differences(profiles / "paper-smoke.yaml", profiles / "paper.yaml", PARAMS)
+
+
+def _paper_smoke_script():
+    """scripts/paper_smoke.py as a module (scripts/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_smoke", SMOKE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_smoke_extends_paper_and_sets_count_and_execution_keys_only():
+    own = read_yaml((PROFILES / "paper-smoke.yaml").read_text())
+    assert own.pop(EXTENDS_KEY) == "paper.yaml"
+    allowed = SMOKE_COUNT_KEYS | EXECUTION_KEYS
+    assert set(flatten(own)) <= allowed, sorted(set(flatten(own)) - allowed)
+    differences = _smoke_method_keys_that_differ_from_paper(PROFILES)
+    assert differences and set(differences) <= SMOKE_COUNT_KEYS, sorted(set(differences) - SMOKE_COUNT_KEYS)
+
+
+def test_paper_smoke_runs_paper_sizes_batches_architectures_and_objective():
+    smoke = flatten(profile_params(PROFILES / "paper-smoke.yaml", PARAMS))
+    paper = flatten(profile_params(PROFILES / "paper.yaml", PARAMS))
+    assert {key: smoke[key] for key in PAPER_SCALE_KEYS} == {key: paper[key] for key in PAPER_SCALE_KEYS}
+    assert (smoke["preprocess.image_size"], smoke["generator.ngf"], smoke["generator.ndf"],
+            smoke["generator.n_residual_blocks"]) == (256, 64, 64, 9)
+    assert (smoke["generator.batch_size"], smoke["classifier.batch_size"]) == (8, 16)
+    assert list(smoke["classifier.architectures"]) == ["resnet18", "resnet50", "vgg16"]
+    assert smoke["generator.pretrained_weights"] == "models/pretrain/{view}.pt"  # pre-training runs, and is used
+
+
+def test_paper_smoke_caps_steps_epochs_and_folds():
+    smoke = profile_params(PROFILES / "paper-smoke.yaml", PARAMS)
+    assert smoke.generator.max_steps_per_epoch is not None and smoke.classifier.max_steps_per_epoch is not None
+    assert smoke.split.folds == 2 and smoke.validate_data.min_patients <= smoke.synth.patients
+    assert max(smoke.generator.epochs, smoke.pretrain.epochs, smoke.classifier.epochs) <= 2
+
+
+def test_a_size_changed_in_paper_smoke_is_a_difference_outside_the_count_keys(tmp_path):
+    profiles = _copy_profiles(tmp_path / "profiles")
+    smoke = read_yaml((profiles / "paper-smoke.yaml").read_text())
+    smoke["generator"]["ngf"] = 32
+    smoke["classifier"]["batch_size"] = 4
+    (profiles / "paper-smoke.yaml").write_text(yaml.safe_dump(smoke))
+    differences = _smoke_method_keys_that_differ_from_paper(profiles)
+    assert set(differences) - SMOKE_COUNT_KEYS == {"generator.ngf", "classifier.batch_size"}
+
+
+def test_paper_smoke_copy_is_a_git_repository_of_the_working_tree_with_the_profile_applied(tmp_path):
+    script = _paper_smoke_script()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    script.copy_working_tree(ROOT, copy)
+    changed = script.apply_profile(copy, PROFILES / "paper-smoke.yaml")
+    assert load_params(copy / "params.yaml") == profile_params(PROFILES / "paper-smoke.yaml", PARAMS)
+    assert changed["preprocess.image_size"] == (load_params(PARAMS).preprocess.image_size, 256)
+    assert (copy / "dvc.yaml").read_text() == (ROOT / "dvc.yaml").read_text()
+    assert not (copy / ".venv").exists() and not (copy / "data" / "raw").exists()  # ignored paths stay behind
+    log = subprocess.run(["git", "log", "--format=%s"], cwd=copy, capture_output=True, text=True, check=True).stdout
+    assert log.startswith("paper-smoke: working tree of ")
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=copy, capture_output=True, text=True, check=True)
+    assert status.stdout.strip() == "M params.yaml"  # committed by the script once its dataset is recorded
